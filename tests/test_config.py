@@ -1,0 +1,58 @@
+import pytest
+
+from diffad_core.config import PRESETS, ConfigError, config_from_dict, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates(preset):
+    cfg = load_config(preset)
+    assert cfg.preset == preset
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_paper_preset_is_the_method():
+    cfg = load_config("paper")
+    assert cfg.data.image_size == 256
+    assert cfg.unet.channel_mult == [1, 1, 2, 2, 4, 4]
+    assert cfg.unet.attention_resolutions == [32, 16, 8]
+    assert cfg.diffusion.score_timesteps == [5, 50, 100]
+    assert cfg.train.iterations == 10_000 and cfg.train.batch_size == 2
+    assert cfg.features.weights.timm_name == "efficientnet_b4"
+    assert cfg.score.alpha == 0.5
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises(ConfigError, match="unknown key 'train.iteratons'"):
+        load_config("smoke", overrides=["train.iteratons=3"])
+
+
+def test_set_override_parses_yaml_values():
+    cfg = load_config("smoke", overrides=["train.iterations=7", "unet.channel_mult=[1,2]",
+                                          "data.categories=[weave]"])
+    assert cfg.train.iterations == 7
+    assert cfg.data.categories == ["weave"]
+
+
+def test_yaml_file_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  iterations: 9\nscore:\n  alpha: 0.3\n")
+    cfg = load_config("smoke", f, ["score.alpha=0.7"])
+    assert cfg.train.iterations == 9 and cfg.score.alpha == 0.7
+
+
+def test_bad_values_and_presets():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="score.alpha"):
+        load_config("smoke", overrides=["score.alpha=2"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("smoke", "/nonexistent.yaml")
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config("paper", overrides=["data.image_size=100"])
+
+
+def test_config_hash_changes_with_content():
+    a = load_config("smoke")
+    b = load_config("smoke", overrides=["seed=1"])
+    assert a.config_hash() != b.config_hash()
+    assert a.config_hash() == load_config("smoke").config_hash()
