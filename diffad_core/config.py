@@ -290,7 +290,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {"dataset": "synthetic", "image_size": 32,
                  "synth": {"size": 48, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1}},
-        "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+        # 3 levels (32, 16, 8 px): the feature head needs a decoder level at 1/4 of the input.
+        "unet": {"base_channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
                  "attention_resolutions": [16], "num_head_channels": 16, "class_cond": False},
         "features": {"weights": {"timm_name": "tf_efficientnet_lite0", "pretrained": False}},
         "padim": {"weights": {"timm_name": "tf_efficientnet_lite0", "pretrained": False},

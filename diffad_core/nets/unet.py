@@ -1,0 +1,343 @@
+"""ADM UNet ("improved diffusion with attention") with the feature head of METHOD.md §2.
+
+The layout follows the ADM design (Dhariwal & Nichol): sinusoidal timestep embedding -> MLP,
+optional label embedding added to it, residual blocks with GroupNorm-SiLU-conv and scale-shift
+norm, self-attention at chosen resolutions, skip connections from encoder to decoder. Module
+names mirror the ADM reference (``time_embed``, ``input_blocks``, ``middle_block``,
+``output_blocks``, ``out``) and the attention uses its per-head [q, k, v] channel order, so an
+ADM checkpoint maps onto this model key by key.
+
+The feature head (METHOD.md §2) reads the decoder level whose resolution is 1/4 of the input
+(64x64 for 256 px), after that level's last res/attention block and before its upsampling:
+GroupNorm -> SiLU -> 1x1 conv to ``feature_channels`` (not zero-initialised: it regresses the
+frozen backbone features).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffad_core.config import DiffadConfig, UNetConfig
+
+__all__ = ["UNet", "build_unet", "group_norm", "timestep_embedding", "unet_parameter_count"]
+
+
+def _num_groups(channels: int, max_groups: int = 32) -> int:
+    """Largest group count <= ``max_groups`` that divides ``channels`` (32 for ADM widths)."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    raise ValueError(f"cannot pick GroupNorm groups for {channels} channels")
+
+
+class _GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 (as ADM does), returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with min(32, channels) groups (adjusted down to a divisor of ``channels``)."""
+    return _GroupNorm32(_num_groups(channels), channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [cos(t f_i), sin(t f_i)]."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class _TimestepBlock(nn.Module):
+    """A block whose forward also takes the (timestep + label) embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _EmbedSequential(nn.Sequential):
+    """Sequential that passes the embedding to the blocks that take it."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, _TimestepBlock) else layer(x)
+        return x
+
+
+class _Upsample(nn.Module):
+    """Nearest x2 upsampling, optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool) -> None:
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class _Downsample(nn.Module):
+    """Stride-2 3x3 conv, or 2x2 average pooling without a conv."""
+
+    def __init__(self, channels: int, use_conv: bool) -> None:
+        super().__init__()
+        self.op: nn.Module = (
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv
+            else nn.AvgPool2d(kernel_size=2, stride=2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class _ResBlock(_TimestepBlock):
+    """GroupNorm-SiLU-conv twice with the embedding injected in between.
+
+    With ``use_scale_shift_norm`` the embedding gives (scale, shift) applied after the second
+    norm: ``norm(h) * (1 + scale) + shift`` (FiLM); else it is added to h. ``up``/``down``
+    resample inside the block (ADM's ``resblock_updown``). The last conv is zero-initialised.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int,
+                 use_scale_shift_norm: bool, up: bool = False, down: bool = False) -> None:
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.updown = up or down
+        self.in_layers = nn.Sequential(
+            group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        if up:
+            self.h_upd: nn.Module = _Upsample(channels, use_conv=False)
+            self.x_upd: nn.Module = _Upsample(channels, use_conv=False)
+        elif down:
+            self.h_upd = _Downsample(channels, use_conv=False)
+            self.x_upd = _Downsample(channels, use_conv=False)
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection: nn.Module = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            norm_act, conv = self.in_layers[:-1], self.in_layers[-1]
+            h = conv(self.h_upd(norm_act(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        e = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = e.chunk(2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
+
+
+class _AttentionBlock(nn.Module):
+    """Spatial self-attention with ``channels // head_channels`` heads and a residual.
+
+    The qkv conv's output channels are ordered per head as [q, k, v] (ADM's "legacy" order).
+    """
+
+    def __init__(self, channels: int, num_head_channels: int) -> None:
+        super().__init__()
+        if channels % num_head_channels != 0:
+            raise ValueError(
+                f"attention: {channels} channels are not divisible by num_head_channels="
+                f"{num_head_channels}"
+            )
+        self.num_heads = channels // num_head_channels
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        flat = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(flat))  # (B, 3C, T)
+        n = flat.shape[-1]
+        q, k, v = qkv.reshape(b * self.num_heads, 3 * c // self.num_heads, n).chunk(3, dim=1)
+        # (B*heads, T, d): softmax(q k^T / sqrt(d)) v
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
+        h = self.proj_out(a.reshape(b, c, n))
+        return (flat + h).reshape(b, c, *spatial)
+
+
+class UNet(nn.Module):
+    """ADM UNet returning (model_out, features); see the module docstring.
+
+    ``forward(x, t, y=None)``: x (B, C, H, W), t (B,) original-chain timesteps, y (B,) class
+    indices (required iff ``cfg.class_cond``). model_out has 2C channels with ``learn_sigma``
+    (eps and the learned-range variance v, METHOD.md §2) else C; features are
+    (B, feature_channels, H/4, W/4).
+    """
+
+    def __init__(self, cfg: UNetConfig, image_size: int, in_channels: int = 3,
+                 feature_channels: int = 272) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if cfg.learn_sigma else in_channels
+        self.feature_channels = feature_channels
+        mc = cfg.base_channels
+        mults = list(cfg.channel_mult)
+        n_levels = len(mults)
+        if image_size % (2 ** (n_levels - 1)) != 0:
+            raise ValueError(
+                f"UNet: image_size={image_size} is not divisible by 2**(levels-1)={2 ** (n_levels - 1)}"
+            )
+        if image_size % 4 != 0 or image_size // 4 < 1:
+            raise ValueError(f"UNet: image_size={image_size} must be a positive multiple of 4")
+        feature_res = image_size // 4
+        level_res = [image_size >> level for level in range(n_levels)]
+        if feature_res not in level_res:
+            raise ValueError(
+                f"UNet: no decoder level at 1/4 of the input ({feature_res}x{feature_res} for "
+                f"image_size={image_size}); levels are at {level_res} px. Use at least 3 levels "
+                f"in unet.channel_mult (got {mults})"
+            )
+        self.feature_level = level_res.index(feature_res)
+        attn_res = set(cfg.attention_resolutions)
+        emb_dim = 4 * mc
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.class_cond:
+            if cfg.num_classes < 1:
+                raise ValueError(f"UNet: class_cond needs num_classes >= 1, got {cfg.num_classes}")
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+
+        def res(ch_in: int, ch_out: int, up: bool = False, down: bool = False) -> _ResBlock:
+            return _ResBlock(ch_in, emb_dim, cfg.dropout, ch_out, cfg.use_scale_shift_norm, up, down)
+
+        ch = int(mults[0] * mc)
+        self.input_blocks = nn.ModuleList([_EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans = [ch]
+        resolution = image_size
+        for level, mult in enumerate(mults):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * mc)]
+                ch = mult * mc
+                if resolution in attn_res:
+                    layers.append(_AttentionBlock(ch, cfg.num_head_channels))
+                self.input_blocks.append(_EmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != n_levels - 1:
+                down: nn.Module = res(ch, ch, down=True) if cfg.resblock_updown else _Downsample(ch, True)
+                self.input_blocks.append(_EmbedSequential(down))
+                skip_chans.append(ch)
+                resolution //= 2
+
+        self.middle_block = _EmbedSequential(
+            res(ch, ch), _AttentionBlock(ch, cfg.num_head_channels), res(ch, ch)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        self._feature_block = -1
+        for level, mult in reversed(list(enumerate(mults))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), mc * mult)]
+                ch = mc * mult
+                if resolution in attn_res:
+                    layers.append(_AttentionBlock(ch, cfg.num_head_channels))
+                if level == self.feature_level and i == cfg.num_res_blocks:
+                    self._feature_block = len(self.output_blocks)
+                    feature_ch = ch
+                if level and i == cfg.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if cfg.resblock_updown else _Upsample(ch, True))
+                    resolution *= 2
+                self.output_blocks.append(_EmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            group_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        )
+        # METHOD.md §2 feature head; the conv keeps its default (non-zero) init.
+        self.feature_head = nn.Sequential(
+            group_norm(feature_ch), nn.SiLU(), nn.Conv2d(feature_ch, feature_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"UNet: expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"UNet: expected t of shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if self.cfg.class_cond:
+            if y is None:
+                raise ValueError("UNet: class-conditional model needs y (class indices)")
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"UNet: expected y of shape ({x.shape[0]},), got {tuple(y.shape)}")
+        elif y is not None:
+            raise ValueError("UNet: y given but the model is not class-conditional (unet.class_cond)")
+
+        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        if self.cfg.class_cond:
+            assert y is not None
+            emb = emb + self.label_emb(y)
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        feat_in: torch.Tensor | None = None
+        for idx, block in enumerate(self.output_blocks):
+            h = torch.cat([h, skips.pop()], dim=1)
+            if idx == self._feature_block:
+                # the level's last res(+attn) block, then tap before the upsampling layer
+                n_keep = len(block) - (1 if self.feature_level else 0)
+                for layer in list(block)[:n_keep]:
+                    h = layer(h, emb) if isinstance(layer, _TimestepBlock) else layer(h)
+                feat_in = h
+                for layer in list(block)[n_keep:]:
+                    h = layer(h, emb) if isinstance(layer, _TimestepBlock) else layer(h)
+            else:
+                h = block(h, emb)
+        assert feat_in is not None
+        return self.out(h), self.feature_head(feat_in)
+
+
+def build_unet(cfg: DiffadConfig, feature_channels: int) -> UNet:
+    """The UNet for a resolved config (RGB in, image size from ``cfg.data``)."""
+    return UNet(cfg.unet, cfg.data.image_size, in_channels=3, feature_channels=feature_channels)
+
+
+def unet_parameter_count(cfg: UNetConfig, image_size: int, in_channels: int = 3,
+                         feature_channels: int = 272) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        model = UNet(cfg, image_size, in_channels, feature_channels)
+    return sum(p.numel() for p in model.parameters())
