@@ -201,7 +201,7 @@ class MetricsConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    register: bool = True
+    register_models: bool = True
     promote: bool = True
     tolerance: float = 0.005
 
