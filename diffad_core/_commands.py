@@ -85,7 +85,12 @@ def _errors_to_exit(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
             return fn(args)
         except ConfigError:
             raise
-        except (CommandError, FileNotFoundError, ValueError, KeyError) as exc:
+        except Exception as exc:
+            # Our own error classes and bad-input errors are expected: one line, exit 1.
+            # Anything else is a bug and keeps its traceback.
+            ours = type(exc).__module__.startswith("diffad_core")
+            if not (ours or isinstance(exc, (FileNotFoundError, ValueError, KeyError))):
+                raise
             print(f"diffad {args.command}: error: {exc}", file=sys.stderr)
             return 1
 
@@ -167,13 +172,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
         diffad_home() / "results" / time.strftime("cli-%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     records = score_split(model, prepared, alpha=alpha, progress=not args.quiet)
-    written = results.write_scores(run_dir, category, records, run_id=run_dir.name,
-                                   model_version=str(resolve_checkpoint(args.checkpoint)))
+    parts = results.write_scores(run_dir, category, records, model_version=str(args.checkpoint),
+                                 alpha=alpha, alpha_source=alpha_source, preset=cfg.preset)
     seconds = time.perf_counter() - start
-    metrics = results.evaluate_run(run_dir, categories=[category], write=False)
-    print(f"scored {len(prepared.labels)} images of {category} in {seconds:.1f} s "
-          f"(alpha={alpha:g} from {alpha_source}); wrote {written}")
-    print(metrics.to_string(index=False))
+    n = len(prepared.labels)
+    metrics = results.evaluate_run(
+        run_dir, {category: {"score_ms_per_image": 1000.0 * seconds / max(1, n)}},
+        categories=[category], fpr_limit=cfg.metrics.pro_fpr_limit, write=False)
+    print(f"scored {n} images of {category} in {seconds:.1f} s (alpha={alpha:g} from "
+          f"{alpha_source}); wrote {len(parts)} part(s) under {results.partition_dir(run_dir, category)}")
+    row = metrics[metrics["category"] == category]
+    cols = [c for c in ("category", "pixel_auroc", "pro", "image_auroc", "n_test") if c in row]
+    print(row[cols].to_string(index=False))
     return 0
 
 
