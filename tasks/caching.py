@@ -1,0 +1,134 @@
+"""Cache keys, result storage and retry rules for the Prefect tasks (DESIGN.md "Prefect").
+
+A trained model is cached by (categories, the training part of the config, the dataset manifest
+hash, the code version, the run date). The code version is the package version plus a hash of the
+``diffad_core`` sources, so an edit to the library invalidates the cache even without a commit.
+Retries are only for transient failures: bad configs, bad data, out-of-memory and missing files
+fail at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from diffad_core.config import ConfigError, DiffadConfig, diffad_home
+
+# Config sections that change the trained model; score/reconstruct/metrics/registry/runtime do not.
+TRAIN_SECTIONS = ("seed", "mode", "data", "unet", "diffusion", "features", "train", "padim")
+# Keys that only say where things are, not what is trained.
+_NOT_TRAINING = {("data", "root"), ("data", "categories"), ("data", "cache"), ("data", "sources")}
+
+
+def result_storage_path() -> Path:
+    """Prefect task results live under DIFFAD_HOME so a rerun finds them."""
+    path = diffad_home().resolve() / "prefect-results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 over the ``diffad_core`` Python sources (path + bytes), 12 hex digits."""
+    import diffad_core
+
+    root = Path(diffad_core.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def code_version() -> str:
+    """``<package version>+<diffad_core source hash>``."""
+    try:
+        version = metadata.version("diffad")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    return f"{version}+src.{source_hash()}"
+
+
+def train_config_hash(cfg: DiffadConfig) -> str:
+    """Hash of the config sections that determine the trained weights."""
+    data = cfg.to_dict()
+    kept = {k: data[k] for k in TRAIN_SECTIONS}
+    kept["data"] = {k: v for k, v in kept["data"].items() if ("data", k) not in _NOT_TRAINING}
+    blob = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_key(cfg: DiffadConfig, categories: list[str], manifest_hash: str, date: str | None) -> str:
+    """The identity of one training: also the name of its checkpoint directory."""
+    blob = json.dumps({
+        "categories": sorted(categories), "config": train_config_hash(cfg),
+        "manifest": manifest_hash, "code": code_version(), "date": date or "",
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(cfg: DiffadConfig, label: str, key: str) -> Path:
+    """``<DIFFAD_HOME>/checkpoints/<dataset>/<category or unified>/<train key>``."""
+    return diffad_home().resolve() / "checkpoints" / cfg.data.dataset / label / key
+
+
+def train_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn`` for the training task.
+
+    The key also records whether the checkpoint is still on disk, so deleting a checkpoint
+    forces a new training instead of restoring a result that points nowhere.
+    """
+    cfg: DiffadConfig = parameters["cfg"]
+    key = train_key(cfg, parameters["categories"], parameters["manifest_hash"], parameters.get("date"))
+    present = (checkpoint_dir(cfg, parameters["label"], key) / "model.safetensors").exists()
+    return f"train-{parameters['label']}-{key}-{'present' if present else 'absent'}"
+
+
+def _non_transient() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [ConfigError, ValueError, TypeError, KeyError,
+                                        FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                        NotImplementedError, MemoryError]
+    try:
+        import torch
+
+        kinds.append(torch.OutOfMemoryError)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from diffad_core.data.layouts import DataError
+
+        kinds.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from PIL import UnidentifiedImageError
+
+        kinds.append(UnidentifiedImageError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for failures worth retrying (I/O hiccups, a busy server), False for errors that a
+    retry cannot fix (bad config or data, OOM, a missing file)."""
+    if exc is None:
+        return False
+    if isinstance(exc, _non_transient()):
+        return False
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+        return False
+    return True
+
+
+def retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only transient failures."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:  # the state could not even give back its exception
+        exc = err
+    return is_transient(exc if isinstance(exc, BaseException) else None)

@@ -1,0 +1,226 @@
+"""MLflow model registry: challengers, champions and ``models:/`` checkpoints (DESIGN.md "MLflow").
+
+A checkpoint directory (model.safetensors, padim.safetensors, config.json, meta.json) is logged as
+plain run artifacts under ``checkpoint/`` and registered as a version of
+``diffad-<dataset>-<category>`` (``diffad-<dataset>-unified`` for the unified model). No pickled
+module: :func:`diffad_core.train.load_model` reads the same files back. A new version gets the
+alias ``challenger``; it becomes ``champion`` only when it is not worse than the current champion
+on PRO and pixel AUROC beyond a tolerance (or when there is no champion yet). The decision is
+stored as version tags ``promotion_decision`` and ``promotion_reason``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from diffad_core.config import diffad_home
+from tasks import tracking
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+CHECKPOINT_FILES = ("model.safetensors", "padim.safetensors", "config.json", "meta.json")
+COMPARED = ("pro", "pixel_auroc")
+SHOWN = ("pixel_auroc", "pro", "image_auroc")
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def model_name(dataset: str, category: str) -> str:
+    """``diffad-<dataset>-<category>``; pass ``"unified"`` for the unified model."""
+    return f"diffad-{dataset}-{category}"
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    name: str
+    version: str
+    promoted: bool
+    reason: str
+    champion_version: str | None  # the champion before the decision
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(challenger: dict[str, float], champion: dict[str, float] | None,
+           tolerance: float) -> tuple[bool, str]:
+    """Promote when there is no champion, or the challenger is not worse on PRO and pixel AUROC
+    by more than ``tolerance`` (absolute, metrics in [0, 1])."""
+    if champion is None:
+        return True, "no champion yet"
+    missing = [k for k in COMPARED if challenger.get(k) is None]
+    if missing:
+        return False, f"challenger lacks metrics {missing}"
+    worse = []
+    for key in COMPARED:
+        theirs = champion.get(key)
+        if theirs is None:
+            continue
+        if challenger[key] < theirs - tolerance:
+            worse.append(f"{key} {challenger[key]:.4f} < champion {theirs:.4f} - {tolerance}")
+    if worse:
+        return False, "worse than champion: " + "; ".join(worse)
+    parts = [f"{k} {challenger[k]:.4f} vs {champion.get(k, float('nan')):.4f}" for k in COMPARED]
+    return True, f"not worse than champion within {tolerance}: " + ", ".join(parts)
+
+
+def _metric_tags(metrics: dict[str, float | None]) -> dict[str, str]:
+    return {f"metric.{k}": f"{float(v):.6f}" for k, v in metrics.items()
+            if v is not None and v == v}
+
+
+def version_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """Metrics stored on a model version as ``metric.<name>`` tags."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith("metric."):
+            try:
+                out[key[len("metric."):]] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def register_checkpoint(
+    run_id: str,
+    checkpoint_dir: Path,
+    name: str,
+    metrics: dict[str, float | None],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log the checkpoint files to ``run_id`` and register them as a new version of ``name``
+    with alias ``challenger``. Returns the version."""
+    checkpoint_dir = Path(checkpoint_dir)
+    missing = [f for f in ("model.safetensors", "config.json", "meta.json")
+               if not (checkpoint_dir / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)}")
+    client = tracking.get_client()
+    for fname in CHECKPOINT_FILES:
+        path = checkpoint_dir / fname
+        if path.exists():
+            client.log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT)
+    try:
+        client.create_registered_model(name, description="diffad checkpoint "
+                                       "(Lu et al., ICCV 2023); load with diffad_core.train.load_model")
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
+    all_tags = {**_metric_tags(metrics), **(tags or {})}
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return str(mv.version)
+
+
+def _alias_version(name: str, alias: str) -> Any | None:
+    try:
+        return tracking.get_client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote(name: str, version: str, tolerance: float, apply: bool = True) -> PromotionDecision:
+    """Compare ``version`` with the current champion and record the decision as version tags;
+    with ``apply`` a positive decision moves the ``champion`` alias."""
+    client = tracking.get_client()
+    mv = client.get_model_version(name, version)
+    challenger = version_metrics(mv.tags)
+    champ = _alias_version(name, CHAMPION)
+    if champ is not None and str(champ.version) == str(version):
+        champ = None
+    champion_metrics = version_metrics(champ.tags) if champ is not None else None
+    ok, reason = decide(challenger, champion_metrics, tolerance)
+    if ok and not apply:
+        reason = f"would promote ({reason}); promotion disabled"
+    decision = "promoted" if ok and apply else "kept_challenger"
+    client.set_model_version_tag(name, version, "promotion_decision", decision)
+    client.set_model_version_tag(name, version, "promotion_reason", reason[:5000])
+    if ok and apply:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return PromotionDecision(name=name, version=str(version), promoted=ok and apply, reason=reason,
+                             champion_version=None if champ is None else str(champ.version))
+
+
+def compare(dataset: str, categories: list[str] | None = None) -> list[dict[str, Any]]:
+    """Champion vs challenger per registered model of ``dataset`` (metrics from version tags)."""
+    client = tracking.get_client()
+    prefix = f"diffad-{dataset}-"
+    names = sorted(m.name for m in client.search_registered_models(
+        filter_string=f"name LIKE '{prefix}%'"))
+    if categories:
+        wanted = {model_name(dataset, c) for c in categories}
+        names = [n for n in names if n in wanted]
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"model": name}
+        for alias in (CHAMPION, CHALLENGER):
+            mv = _alias_version(name, alias)
+            row[f"{alias}_version"] = None if mv is None else str(mv.version)
+            metrics = {} if mv is None else version_metrics(mv.tags)
+            for key in SHOWN:
+                row[f"{alias}_{key}"] = metrics.get(key)
+            if alias == CHALLENGER:
+                row["decision"] = None if mv is None else mv.tags.get("promotion_decision")
+        rows.append(row)
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    """A plain-text side-by-side table of :func:`compare` rows."""
+    header = ["model", "champion", "pixel_auroc", "pro", "image_auroc",
+              "challenger", "pixel_auroc", "pro", "image_auroc", "decision"]
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = [[r["model"], fmt(r["champion_version"]),
+              *(fmt(r[f"champion_{k}"]) for k in SHOWN), fmt(r["challenger_version"]),
+              *(fmt(r[f"challenger_{k}"]) for k in SHOWN), fmt(r["decision"])] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def resolve_models_uri(uri: str) -> Path:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> a local checkpoint dir.
+
+    The files are downloaded once into ``<DIFFAD_HOME>/model-cache/<name>/<version>``.
+    """
+    if not uri.startswith("models:/"):
+        raise ValueError(f"not a models:/ URI: {uri!r}")
+    ref = uri[len("models:/"):].strip("/")
+    client = tracking.get_client()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            mv = client.get_model_version(name, version)
+        else:
+            raise ValueError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    except MlflowException as exc:
+        raise FileNotFoundError(f"{uri}: not in the registry at {tracking.tracking_uri()} "
+                                f"({exc.message})") from exc
+    dest = diffad_home().resolve() / "model-cache" / mv.name / str(mv.version)
+    if (dest / "model.safetensors").exists():
+        return dest
+    import mlflow.artifacts
+
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp),
+                                                 tracking_uri=tracking.tracking_uri()))
+    shutil.rmtree(dest, ignore_errors=True)
+    got.rename(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
