@@ -22,10 +22,12 @@ from diffad_core.config import WeightsConfig
 
 __all__ = [
     "WeightsError",
+    "backbone_channels",
     "create_timm_model",
     "file_sha256",
     "load_backbone",
     "lukemelas_to_timm",
+    "normalisation_stats",
     "resolve_weights_file",
 ]
 
@@ -193,3 +195,19 @@ def create_timm_model(
 def load_backbone(weights: WeightsConfig, out_indices: Sequence[int]) -> nn.Module:
     """timm ``features_only`` backbone with verified weights (random if ``pretrained=False``)."""
     return create_timm_model(weights, out_indices)
+
+
+def backbone_channels(timm_name: str, out_indices: Sequence[int]) -> list[int]:
+    """Channels of each ``features_only`` output, from timm's feature_info (no weights loaded)."""
+    model = timm.create_model(
+        timm_name, pretrained=False, features_only=True, out_indices=tuple(int(i) for i in out_indices)
+    )
+    return [int(c) for c in model.feature_info.channels()]
+
+
+def normalisation_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the model's pretrained config (ImageNet statistics for most timm models)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

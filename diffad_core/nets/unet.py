@@ -24,7 +24,8 @@ from torch import nn
 
 from diffad_core.config import DiffadConfig, UNetConfig
 
-__all__ = ["UNet", "build_unet", "group_norm", "timestep_embedding", "unet_parameter_count"]
+__all__ = ["UNet", "build_unet", "group_norm", "model_summary", "timestep_embedding",
+           "unet_parameter_count"]
 
 
 def _num_groups(channels: int, max_groups: int = 32) -> int:
@@ -341,3 +342,35 @@ def unet_parameter_count(cfg: UNetConfig, image_size: int, in_channels: int = 3,
     with torch.device("meta"):
         model = UNet(cfg, image_size, in_channels, feature_channels)
     return sum(p.numel() for p in model.parameters())
+
+
+def model_summary(cfg: DiffadConfig) -> dict[str, Any]:
+    """Resolved network config and parameter count, without loading or allocating weights.
+
+    Feature channels come from the target backbone's timm ``feature_info`` (built with
+    ``pretrained=False``); the UNet is built on the meta device.
+    """
+    from diffad_core.nets.backbones import backbone_channels
+
+    per_layer = backbone_channels(cfg.features.weights.timm_name, cfg.features.out_indices)
+    feature_channels = sum(per_layer)
+    size = cfg.data.image_size
+    with torch.device("meta"):
+        model = UNet(cfg.unet, size, in_channels=3, feature_channels=feature_channels)
+    head = sum(p.numel() for p in model.feature_head.parameters())
+    return {
+        "unet": cfg.unet.model_dump(mode="json"),
+        "image_size": size,
+        "in_channels": 3,
+        "out_channels": model.out_channels,
+        "feature_target": {
+            "timm_name": cfg.features.weights.timm_name,
+            "out_indices": list(cfg.features.out_indices),
+            "channels_per_layer": per_layer,
+            "imagenet_norm": cfg.features.imagenet_norm,
+        },
+        "feature_channels": feature_channels,
+        "feature_resolution": size // 4,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_feature_head": head,
+    }

@@ -1,0 +1,67 @@
+"""The frozen feature target F(x_0) of METHOD.md §2.
+
+EfficientNet-b4 (paper) outputs at strides 2, 4, 8, 16 (24 + 32 + 56 + 160 = 272 channels), each
+resized bilinearly to H/4 x W/4 and concatenated. The input in [-1, 1] is mapped to [0, 1] and
+normalised with the backbone's pretrained mean/std (ours); ``imagenet_norm=False`` feeds the raw
+[-1, 1] image as the official code did.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffad_core.config import FeatureTargetConfig
+from diffad_core.nets.backbones import load_backbone, normalisation_stats
+
+__all__ = ["FeatureTarget", "resize_concat"]
+
+
+def resize_concat(features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Resize each (B, C_i, h_i, w_i) map bilinearly (align_corners=False) to ``size``; concat."""
+    return torch.cat(
+        [f if tuple(f.shape[-2:]) == size
+         else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+         for f in features],
+        dim=1,
+    )
+
+
+class FeatureTarget(nn.Module):
+    """Frozen timm backbone giving the (B, channels, H/4, W/4) regression target.
+
+    Always in eval mode (``train()`` is overridden) and computed without gradients: it is only a
+    target. (PaDiM, which needs gradients w.r.t. its input, does not use this class.)
+    """
+
+    def __init__(self, cfg: FeatureTargetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = load_backbone(cfg.weights, cfg.out_indices)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.channels_per_layer = [int(c) for c in self.backbone.feature_info.channels()]
+        self.channels = sum(self.channels_per_layer)
+        self.imagenet_norm = cfg.imagenet_norm
+        mean, std = normalisation_stats(self.backbone)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FeatureTarget:
+        """Stay in eval mode: BatchNorm statistics of the target must not change."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"FeatureTarget: expected x of shape (B, 3, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % 4 or w % 4:
+            raise ValueError(f"FeatureTarget: H and W must be multiples of 4, got {h}x{w}")
+        with torch.no_grad():
+            inp = (x + 1) / 2 if self.imagenet_norm else x
+            if self.imagenet_norm:
+                inp = (inp - self.mean.to(inp.dtype)) / self.std.to(inp.dtype)
+            feats = self.backbone(inp)
+            return resize_concat(list(feats), (h // 4, w // 4))
