@@ -1,0 +1,386 @@
+"""The run report: tables (with the paper's numbers side by side) and figures, as Markdown + HTML.
+
+Reads only ``metrics.parquet`` and the score partitions (see ``results.py``), so a report can be
+rebuilt without the models. Figures are drawn with numpy + PIL (a jet-like colormap), written as
+PNG files beside the report and embedded as base64 in the self-contained HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from diffad_core import paper_numbers
+from diffad_core import results as R
+
+ABLATION_LABELS: dict[str, str] = {
+    "": "ensemble (Eq. 11)", "kl": "KL only", "feature": "feature only", "rgb": "RGB error",
+    "padim": "PaDiM",
+}
+_MIN_PANEL = 160
+
+
+# ----------------------------------------------------------------------------- formatting
+def _pct(value: Any) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal; "n/a" for missing values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100.0 * float(value):.1f}"
+
+
+def _num(value: Any, fmt: str = "{:.1f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return fmt.format(float(value))
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines)
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _alpha_cell(row: Mapping[str, Any]) -> str:
+    alpha = row.get("alpha")
+    if alpha is None or (isinstance(alpha, float) and math.isnan(alpha)):
+        return "n/a"
+    source = row.get("alpha_source")
+    return f"{float(alpha):.2f}" + (f" ({source})" if source else "")
+
+
+def metrics_markdown_table(df: pd.DataFrame) -> str:
+    """The per-category metrics (percent) as a Markdown table, mean row last."""
+    headers = ["category", "pixel AUROC %", "PRO %", "image AUROC %", "n_test", "alpha", "status"]
+    rows = [
+        [str(r["category"]), _pct(r.get("pixel_auroc")), _pct(r.get("pro")),
+         _pct(r.get("image_auroc")), str(int(r["n_test"])) if _present(r.get("n_test")) else "n/a",
+         _alpha_cell(r), str(r.get("status") or "")]
+        for r in _ordered(df).to_dict("records")
+    ]
+    return _md_table(headers, rows)
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _ordered(df: pd.DataFrame) -> pd.DataFrame:
+    """Category rows in their order, the mean row last."""
+    is_mean = df["category"] == R.MEAN_ROW
+    return pd.concat([df[~is_mean], df[is_mean]], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- tables
+def _main_table(df: pd.DataFrame, dataset: str) -> tuple[list[str], list[list[str]]]:
+    headers = ["category", "pixel AUROC %", "PRO %", "image AUROC %", "n_test", "alpha (source)"]
+    with_paper = dataset == "mvtec"
+    if with_paper:
+        headers += ["paper Ours pixel/PRO", "paper Ours* pixel/PRO"]
+    headers.append("status")
+    rows = []
+    for r in _ordered(df).to_dict("records"):
+        cat = str(r["category"])
+        row = [cat, _pct(r.get("pixel_auroc")), _pct(r.get("pro")), _pct(r.get("image_auroc")),
+               str(int(r["n_test"])) if _present(r.get("n_test")) else "n/a", _alpha_cell(r)]
+        if with_paper:
+            for method in ("Ours", "Ours*"):
+                ref = paper_numbers.paper_row(cat, method)
+                row.append(f"{ref[0]:.1f} / {ref[1]:.1f}" if ref else "n/a")
+        row.append(str(r.get("status") or ""))
+        rows.append(row)
+    return headers, rows
+
+
+def _ablation_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]] | None:
+    present = [a for a in R.ABLATIONS
+               if any(f"{m}_{a}" in df.columns for m in ("pixel_auroc", "pro", "image_auroc"))]
+    if not present:
+        return None
+    headers = ["category", "scorer", "pixel AUROC %", "PRO %", "image AUROC %"]
+    rows = []
+    for r in _ordered(df).to_dict("records"):
+        for abl in [""] + present:
+            suffix = f"_{abl}" if abl else ""
+            rows.append([str(r["category"]), ABLATION_LABELS[abl],
+                         _pct(r.get(f"pixel_auroc{suffix}")), _pct(r.get(f"pro{suffix}")),
+                         _pct(r.get(f"image_auroc{suffix}"))])
+    return headers, rows
+
+
+def _timing_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["category", "train s", "score ms/image", "reconstruct ms/image", "model version"]
+    rows = [[str(r["category"]), _num(r.get("train_seconds")), _num(r.get("score_ms_per_image")),
+             _num(r.get("reconstruct_ms_per_image")), str(r.get("model_version") or "n/a")]
+            for r in _ordered(df).to_dict("records")]
+    return headers, rows
+
+
+def _paper_reference_lines(dataset: str) -> list[str]:
+    if dataset != "mvtec":
+        return []
+    lines = [f"Paper mean (Table 1): Ours {paper_numbers.MEAN['Ours'][0]} / "
+             f"{paper_numbers.MEAN['Ours'][1]}, Ours* {paper_numbers.MEAN['Ours*'][0]} / "
+             f"{paper_numbers.MEAN['Ours*'][1]} (pixel AUROC / PRO, %); unified model Ours "
+             f"{paper_numbers.UNIFIED['Ours'][0]} / {paper_numbers.UNIFIED['Ours'][1]}; "
+             f"image AUROC about {paper_numbers.OURS_IMAGE_AUROC_APPROX:.0f} at alpha 0.5."]
+    refs = ", ".join(f"{k} {v[0]} / {v[1]} / {v[2]}" for k, v in paper_numbers.OTHER_REFERENCES.items())
+    lines.append(f"Other references (image AUROC / pixel AUROC / PRO, %): {refs}.")
+    return lines
+
+
+# ----------------------------------------------------------------------------- figures
+def _jet(values: np.ndarray) -> np.ndarray:
+    """Jet-like colormap: [0, 1] -> uint8 RGB (dark blue, blue, cyan, yellow, red, dark red)."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
+    return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _load_input(row: Mapping[str, Any], data_root: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
+    if row.get("input_png") is not None:
+        img = row["input_png"]
+    elif data_root is not None and (data_root / row["image_path"]).is_file():
+        with Image.open(data_root / row["image_path"]) as im:
+            img = np.asarray(im.convert("RGB"))
+    else:
+        return None
+    if img.shape[:2] != shape:
+        img = np.asarray(Image.fromarray(img).resize((shape[1], shape[0]), Image.BILINEAR))
+    return img
+
+
+def _panel(img: np.ndarray | None, size: int, caption: str) -> Image.Image:
+    """An RGB panel of ``size`` px with a caption strip below; grey with "n/a" if no image."""
+    if img is None:
+        im = Image.new("RGB", (size, size), (128, 128, 128))
+        ImageDraw.Draw(im).text((size // 2 - 10, size // 2 - 5), "n/a", fill=(255, 255, 255))
+    else:
+        im = Image.fromarray(img).resize((size, size), Image.NEAREST)
+    out = Image.new("RGB", (size, size + 16), (255, 255, 255))
+    out.paste(im, (0, 0))
+    ImageDraw.Draw(out).text((3, size + 2), caption[: size // 6], fill=(0, 0, 0))
+    return out
+
+
+def _category_figure(run_dir: Path, category: str, n_images: int, data_root: Path | None,
+                     out_path: Path) -> Path | None:
+    """Rows of (input, ground truth, anomaly-map overlay, reconstruction) for a few images,
+    anomalous ones first; the map colour scale is shared by the whole category."""
+    lo, hi = math.inf, -math.inf
+    chosen: list[dict[str, Any]] = []
+    normals: list[dict[str, Any]] = []
+    for row in R.iter_maps(run_dir, [category], maps=("anomaly_map", "mask", "reconstruction",
+                                                       "input_png")):
+        amap = row["anomaly_map"]
+        lo, hi = min(lo, float(amap.min())), max(hi, float(amap.max()))
+        if row["label"] == 1 and len(chosen) < n_images:
+            chosen.append(row)
+        elif row["label"] == 0 and len(normals) < n_images:
+            normals.append(row)
+    chosen = (chosen + normals)[:n_images]
+    if not chosen:
+        return None
+    has_recon = any(r["reconstruction"] is not None for r in chosen)
+    rows_img = []
+    for row in chosen:
+        amap = row["anomaly_map"]
+        shape = amap.shape
+        size = max(max(shape), _MIN_PANEL)
+        inp = _load_input(row, data_root, shape)
+        norm = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
+        heat = _jet(norm).astype(np.float32)
+        base = inp.astype(np.float32) if inp is not None else np.full(heat.shape, 128.0, np.float32)
+        over = np.clip(0.5 * base + 0.5 * heat + 0.5, 0, 255).astype(np.uint8)
+        mask = row["mask"]
+        gt = None if mask is None else np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
+        if gt is None and row["label"] == 0:
+            gt = np.zeros(shape + (3,), np.uint8)
+        name = Path(row["image_path"]).name
+        panels = [_panel(inp, size, f"{row['defect_type']}/{name}"), _panel(gt, size, "ground truth"),
+                  _panel(over, size, f"map, score {row['image_score']:.3g}")]
+        if has_recon:
+            panels.append(_panel(row["reconstruction"], size, "reconstruction"))
+        width = sum(p.width for p in panels) + 4 * (len(panels) - 1)
+        strip = Image.new("RGB", (width, panels[0].height), (255, 255, 255))
+        x = 0
+        for p in panels:
+            strip.paste(p, (x, 0))
+            x += p.width + 4
+        rows_img.append(strip)
+    fig = Image.new("RGB", (max(r.width for r in rows_img),
+                            sum(r.height for r in rows_img) + 4 * (len(rows_img) - 1)), (255, 255, 255))
+    y = 0
+    for r in rows_img:
+        fig.paste(r, (0, y))
+        y += r.height + 4
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.save(out_path, format="PNG")
+    return out_path
+
+
+# ----------------------------------------------------------------------------- report
+def _provenance_lines(provenance: Mapping[str, Any] | None, weights_note: str | None) -> list[str]:
+    lines = []
+    if provenance:
+        sha = provenance.get("git_sha") or "unknown"
+        if provenance.get("git_dirty"):
+            sha += " (dirty work tree)"
+        lines += [
+            f"git SHA: {sha}",
+            f"config hash: {provenance.get('config_hash', 'n/a')}",
+            f"dataset manifest hash: {provenance.get('manifest_hash') or 'n/a'}",
+            f"seed: {provenance.get('seed', 'n/a')}; preset: {provenance.get('preset', 'n/a')}",
+        ]
+        versions = provenance.get("versions") or {}
+        if versions:
+            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        device = provenance.get("device") or {}
+        if device:
+            lines.append(f"device: {device.get('cuda_name') or 'CPU'}"
+                         f"{'; host ' + provenance['hostname'] if provenance.get('hostname') else ''}")
+        if provenance.get("timestamp_utc"):
+            lines.append(f"created (UTC): {provenance['timestamp_utc']}")
+    else:
+        lines.append("no provenance was given for this run")
+    lines.append(f"weights: {weights_note or 'not stated'}")
+    return lines
+
+
+def _decision_lines(registry_decisions: Sequence[Any] | Mapping[str, Any] | None) -> list[str]:
+    if not registry_decisions:
+        return []
+    items = registry_decisions.items() if isinstance(registry_decisions, Mapping) \
+        else enumerate(registry_decisions)
+    out = []
+    for key, value in items:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        out.append(text if isinstance(key, int) else f"{key}: {text}")
+    return out
+
+
+def _dataset_note(dataset: str) -> str | None:
+    if dataset == "mvtec":
+        return None
+    if dataset == "synthetic":
+        return ("This run used the synthetic MVTec-format dataset: its categories and defects are "
+                "generated, so the paper's MVTec-AD numbers do not apply and are not shown; the "
+                "numbers here only show that the pipeline works end to end.")
+    return (f"Dataset {dataset!r}: the paper's per-class MVTec-AD table does not apply and is not "
+            "shown.")
+
+
+def build_report(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset: str,
+    title: str = "diffad report",
+    registry_decisions: Sequence[Any] | Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    weights_note: str | None = None,
+    data_root: str | Path | None = None,
+    figures_per_category: int = 3,
+) -> dict[str, Any]:
+    """Write ``report.md``, ``report.html`` and ``figures/<category>.png`` into ``out_dir``.
+
+    ``data_root``: where to find the input images for the figures when the partition has no
+    ``input_png`` (optional; without it the input panel is grey). Returns
+    ``{"markdown": Path, "html": Path, "figures": {category: Path}}``.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    df = R.read_metrics(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(data_root) if data_root is not None else None
+    present = set(R.list_categories_in_run(run_dir))
+    figures: dict[str, Path] = {}
+    for cat in df["category"]:
+        if cat != R.MEAN_ROW and cat in present:
+            path = _category_figure(run_dir, cat, figures_per_category, root,
+                                    out_dir / "figures" / f"{cat}.png")
+            if path is not None:
+                figures[cat] = path
+
+    run_id = run_dir.resolve().name
+    main = _main_table(df, dataset)
+    ablation = _ablation_table(df)
+    timing = _timing_table(df)
+    note = _dataset_note(dataset)
+    refs = _paper_reference_lines(dataset)
+    prov = _provenance_lines(provenance, weights_note)
+    decisions = _decision_lines(registry_decisions)
+    scale = "Metrics in percent. " + (
+        "Paper columns: Table 1 of Lu et al. (ICCV 2023), pixel AUROC / PRO." if dataset == "mvtec"
+        else "")
+
+    md = [f"# {title}", "", f"Run `{run_id}`, dataset `{dataset}`.", ""]
+    if note:
+        md += [f"> {note}", ""]
+    md += ["## Results per category", "", scale.strip(), "", _md_table(*main), ""]
+    for line in refs:
+        md += [line, ""]
+    if ablation:
+        md += ["## Ablations", "", _md_table(*ablation), ""]
+    md += ["## Timings", "", _md_table(*timing), ""]
+    if figures:
+        md += ["## Figures", "",
+               "Per row: input, ground truth, anomaly map over the input (one colour scale per "
+               "category, jet: blue low, red high), reconstruction (Algorithm 1) when made. "
+               "Anomalous images first.", ""]
+        md += [f"### {cat}\n\n![{cat}](figures/{p.name})\n" for cat, p in figures.items()]
+    md += ["## Provenance", ""] + [f"- {line}" for line in prov] + [""]
+    if decisions:
+        md += ["## Registry decisions", ""] + [f"- {line}" for line in decisions] + [""]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+
+    h = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+         f"<title>{html.escape(title)}</title><style>",
+         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}",
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
+         "text-align:right}td:first-child,th:first-child{text-align:left}"
+         ".note{background:#fff4d6;padding:.6em;border-left:4px solid #e0a800}</style></head><body>",
+         f"<h1>{html.escape(title)}</h1>",
+         f"<p>Run <code>{html.escape(run_id)}</code>, dataset <code>{html.escape(dataset)}</code>.</p>"]
+    if note:
+        h.append(f"<p class='note'>{html.escape(note)}</p>")
+    h += ["<h2>Results per category</h2>", f"<p>{html.escape(scale)}</p>", _html_table(*main)]
+    h += [f"<p>{html.escape(line)}</p>" for line in refs]
+    if ablation:
+        h += ["<h2>Ablations</h2>", _html_table(*ablation)]
+    h += ["<h2>Timings</h2>", _html_table(*timing)]
+    if figures:
+        h += ["<h2>Figures</h2>", "<p>Per row: input, ground truth, anomaly map over the input "
+              "(one colour scale per category, jet: blue low, red high), reconstruction when made. "
+              "Anomalous images first.</p>"]
+        for cat, p in figures.items():
+            b64 = base64.b64encode(p.read_bytes()).decode("ascii")
+            h.append(f"<h3>{html.escape(cat)}</h3><img alt='{html.escape(cat)}' "
+                     f"src='data:image/png;base64,{b64}'>")
+    h += ["<h2>Provenance</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in prov] + ["</ul>"]
+    if decisions:
+        h += ["<h2>Registry decisions</h2><ul>"]
+        h += [f"<li>{html.escape(line)}</li>" for line in decisions] + ["</ul>"]
+    h.append("</body></html>")
+    html_path = out_dir / "report.html"
+    html_path.write_text("\n".join(h))
+    return {"markdown": md_path, "html": html_path, "figures": figures}
