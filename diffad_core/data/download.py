@@ -194,7 +194,7 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                         posixpath.dirname(posixpath.normpath(info.filename)), target)):
                     reason = f"symlink to {target!r} leaves the destination"
                 links.add(posixpath.normpath(info.filename))
-            elif reason is None and mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            elif reason is None and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
                 reason = "device or special file"
             if reason:
                 raise UnsafeArchiveError(f"{archive}: refusing member {info.filename!r}: {reason}")

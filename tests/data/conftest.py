@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,9 @@ from data_builders import build_mvtec
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("DIFFAD_HOME", str(home))
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # only when a test module already imported it
+    if torch is not None:
         torch.set_num_threads(1)
-    except ImportError:
-        pass
     return home
 
 
