@@ -128,7 +128,8 @@ class Padim(nn.Module):
         cov = (s2 - n * m[:, :, None] * m[:, None, :]) / (n - 1)
         cov += self.cfg.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=device)
         self.mean = (shift + m).float()
-        self.inv_cov = torch.linalg.inv(cov).float()
+        inv = torch.linalg.inv(cov)
+        self.inv_cov = ((inv + inv.transpose(1, 2)) / 2).float().contiguous()  # exactly symmetric
         self.n_fit = torch.tensor(n, dtype=torch.long, device=device)
         return self
 
