@@ -231,3 +231,42 @@ def test_metadata_is_json(tmp_path: Path) -> None:
     part = next((tmp_path / "scores" / "category=m").iterdir())
     meta = json.loads(pq.read_schema(part).metadata[R.SCORE_METADATA_KEY])
     assert meta["model_version"] == "v9" and meta["category"] == "m"
+
+
+def test_real_score_record_and_flow_dicts(tmp_path: Path) -> None:
+    """The scorer's own ScoreRecord (ablation dicts) and its vars() plus a reconstruction."""
+    from diffad_core.score import ScoreRecord
+
+    rng = np.random.default_rng(3)
+    amap = rng.random((6, 6)).astype(np.float32)
+    mask = np.zeros((6, 6), np.uint8)
+    mask[1:3, 1:3] = 1
+    rec = ScoreRecord(rel_path="c/test/crack/000.png", defect_type="crack", label=1,
+                      image_score=0.9, anomaly_map=amap, kl_map=amap, feature_map=amap, mask=mask,
+                      category="c", alpha=0.4, ablation_scores={"rgb": 0.2, "padim": 3.0},
+                      ablation_maps={"rgb": amap * 3, "padim": amap + 1})
+    row = dict(vars(rec), reconstruction=np.zeros((6, 6, 3), np.uint8))
+    R.write_scores(tmp_path, "c", [rec, dict(row, rel_path="c/test/crack/001.png")], "v1")
+    df = R.read_scores(tmp_path)
+    assert df["score_rgb"].tolist() == [0.2, 0.2] and df["score_padim"].tolist() == [3.0, 3.0]
+    assert df.loc[0, "reconstruction"] is None and df.loc[1, "reconstruction"] is not None
+    got = next(R.iter_maps(tmp_path, maps=("padim_map",)))["padim_map"]
+    np.testing.assert_allclose(got, amap + 1, atol=1e-3)
+    assert R.read_score_metadata(tmp_path, "c")["alpha"] == 0.4
+
+
+def test_evaluate_golden_numbers(tmp_path: Path) -> None:
+    """Hand-computed: one defect pixel scoring 0.5 against 7 normal pixels
+    (0.75, 0.25, 0, 0, 0.125, 0.25, 0.5): AUROC = (5 + 0.5 tie) / 7."""
+    bad = {"rel_path": "b.png", "defect_type": "d", "label": 1, "image_score": 0.9,
+           "anomaly_map": np.array([[0.5, 0.75], [0.25, 0.0]], np.float32),
+           "kl_map": None, "feature_map": None, "mask": np.array([[1, 0], [0, 0]], np.uint8)}
+    good = {"rel_path": "g.png", "defect_type": "good", "label": 0, "image_score": 0.1,
+            "anomaly_map": np.array([[0.0, 0.125], [0.25, 0.5]], np.float32),
+            "kl_map": None, "feature_map": None, "mask": None}
+    R.write_scores(tmp_path, "gold", [bad, good], "v")
+    df = R.evaluate_run(tmp_path)
+    assert df.loc[0, "pixel_auroc"] == pytest.approx(5.5 / 7, abs=1e-12)
+    assert df.loc[0, "image_auroc"] == 1.0 and df.loc[0, "n_test"] == 2
+    assert df.loc[0, "status"] == "ok"
+    assert not any(c.endswith("_kl") for c in df.columns)
