@@ -628,14 +628,17 @@ def evaluate_run(
     and optionally "alpha", "alpha_source", "model_version", "preset"}}``; values there override the
     partition metadata. ``categories``: the expected categories (default: those with a partition, plus
     any named in ``timings``); an expected category without a partition gets a row with status
-    ``"missing partition"`` and NaN metrics. The mean row averages the rows with status ``ok``.
-    Writes ``metrics.parquet`` unless ``write=False``.
+    ``"missing partition"`` and NaN metrics; so does a category listed in an earlier
+    ``metrics.parquet`` of the run, whose timings are kept when ``timings`` does not give them.
+    The mean row averages the rows with status ``ok``. Writes ``metrics.parquet`` unless
+    ``write=False``.
     """
     run_dir = Path(run_dir)
     timings = dict(timings or {})
+    previous = _previous_timings(run_dir)
     present = list_categories_in_run(run_dir)
     expected = list(categories) if categories is not None \
-        else sorted(set(present) | {c for c in timings if c != MEAN_ROW})
+        else sorted(set(present) | {c for c in timings if c != MEAN_ROW} | set(previous))
     rows: list[dict[str, Any]] = []
     for cat in expected:
         if cat not in present:
@@ -648,6 +651,8 @@ def evaluate_run(
             for key in ("alpha", "alpha_source", "preset"):
                 if meta.get(key) is not None:
                     row[key] = meta[key]
+        for key, value in previous.get(cat, {}).items():
+            row.setdefault(key, value)
         for key, value in timings.get(cat, {}).items():
             if key in _TIMING_KEYS or key in ("alpha", "alpha_source", "model_version", "preset"):
                 row[key] = value
@@ -660,6 +665,26 @@ def evaluate_run(
         write_metrics(run_dir, df)
     # the same frame read_metrics() gives back for the written file
     return _drop_empty_ablations(_metrics_table(df).to_pandas())
+
+
+def _previous_timings(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Timings of an earlier ``metrics.parquet`` of this run, so re-evaluating from the parquet
+    files alone (without the timings) keeps them."""
+    path = metrics_path(run_dir)
+    if not path.is_file():
+        return {}
+    try:
+        df = read_metrics(run_dir)
+    except ResultsSchemaError as exc:
+        warnings.warn(f"ignoring the earlier {path}: {exc}", stacklevel=3)
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for rec in df.to_dict("records"):
+        if rec["category"] == MEAN_ROW:
+            continue
+        out[rec["category"]] = {k: rec[k] for k in _TIMING_KEYS
+                                if k in rec and rec[k] is not None and not pd.isna(rec[k])}
+    return out
 
 
 def _mean_row(df: pd.DataFrame, preset: str | None) -> pd.Series:

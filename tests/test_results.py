@@ -270,3 +270,17 @@ def test_evaluate_golden_numbers(tmp_path: Path) -> None:
     assert df.loc[0, "image_auroc"] == 1.0 and df.loc[0, "n_test"] == 2
     assert df.loc[0, "status"] == "ok"
     assert not any(c.endswith("_kl") for c in df.columns)
+
+
+def test_reevaluation_keeps_timings_and_reports_lost_partitions(tmp_path: Path) -> None:
+    R.write_scores(tmp_path, "a", _records("a"), "v")
+    R.write_scores(tmp_path, "b", _records("b"), "v")
+    R.evaluate_run(tmp_path, {"a": {"train_seconds": 7.0}, "b": {"train_seconds": 9.0}})
+    import shutil
+
+    shutil.rmtree(R.partition_dir(tmp_path, "b"))
+    with pytest.warns(UserWarning, match="'b' has no score partition"):
+        df = R.evaluate_run(tmp_path)  # no timings given: the earlier ones are kept
+    assert df["category"].tolist() == ["a", "b", "mean"]
+    assert df.loc[0, "train_seconds"] == 7.0 and df.loc[1, "status"] == "missing partition"
+    assert R.read_metrics(tmp_path).loc[0, "train_seconds"] == 7.0
