@@ -141,13 +141,14 @@ class TrainImages(torch.utils.data.Dataset):
 
     ``__getitem__`` returns (image (3, S, S) float32 in [-1, 1], class index). With ``augment``
     each access rotates the image by an angle uniform in +-``rotation_degrees`` (METHOD.md §1,
-    ours), reflection-padded. Angles come from a torch Generator seeded with ``seed`` (each
-    DataLoader worker reseeds from its own worker seed), so a run is reproducible.
+    ours), reflection-padded. Angles come from a torch Generator (``generator``, else one seeded
+    with ``seed``); each DataLoader worker reseeds from its own worker seed, and
+    ``set_epoch(e)`` reseeds from (seed, e), so a run (and a resumed run) is reproducible.
     """
 
     def __init__(self, prepared_splits: list[PreparedSplit], rotation_degrees: float,
                  augment: bool, class_index: dict[str, int], *, seed: int = 0,
-                 padding: str = "reflection") -> None:
+                 generator: torch.Generator | None = None, padding: str = "reflection") -> None:
         if not prepared_splits:
             raise ValueError("TrainImages needs at least one prepared split")
         missing = [p.category for p in prepared_splits if p.category not in class_index]
@@ -161,8 +162,13 @@ class TrainImages(torch.utils.data.Dataset):
         self.augment = bool(augment) and self.rotation_degrees > 0
         self.padding = padding
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         self._worker_id: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the rotation angles from (seed, epoch): epoch e draws the same angles in any run."""
+        self.generator.manual_seed(self.seed * 1_000_003 + int(epoch))
+        self._worker_id = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
