@@ -23,6 +23,7 @@ from diffad_core.nets.features import resize_concat
 __all__ = ["Padim"]
 
 _STAT_BUFFERS = ("mean", "inv_cov")
+_INV_CHUNK = 512  # grid positions per batched matrix inverse
 
 
 class Padim(nn.Module):
@@ -124,12 +125,17 @@ class Padim(nn.Module):
         if n < 2 or shift is None or s1 is None or s2 is None:
             raise ValueError(f"Padim.fit needs at least 2 images, got {n}")
         m = s1 / n
-        # unbiased covariance (as np.cov) + eps I, METHOD.md §4
-        cov = (s2 - n * m[:, :, None] * m[:, None, :]) / (n - 1)
-        cov += self.cfg.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=device)
+        # unbiased covariance (as np.cov) + eps I, METHOD.md §4; built in place in s2 and
+        # inverted in chunks of positions to bound peak memory (P x d x d is 8 GB at paper size).
+        s2 -= n * m[:, :, None] * m[:, None, :]
+        s2 /= n - 1
+        s2 += self.cfg.eps * torch.eye(s2.shape[-1], dtype=s2.dtype, device=device)
+        inv_cov = torch.empty(s2.shape, dtype=torch.float32, device=device)
+        for start in range(0, s2.shape[0], _INV_CHUNK):
+            inv = torch.linalg.inv(s2[start:start + _INV_CHUNK])
+            inv_cov[start:start + _INV_CHUNK] = (inv + inv.transpose(1, 2)) / 2  # exactly symmetric
         self.mean = (shift + m).float()
-        inv = torch.linalg.inv(cov)
-        self.inv_cov = ((inv + inv.transpose(1, 2)) / 2).float().contiguous()  # exactly symmetric
+        self.inv_cov = inv_cov
         self.n_fit = torch.tensor(n, dtype=torch.long, device=device)
         return self
 
