@@ -1,0 +1,257 @@
+"""Training, checkpoints, exact resume and loading on the smoke preset (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffad_core.config import load_config
+from diffad_core.diffusion import linear_schedule, training_losses
+from diffad_core.train import (
+    TrainError,
+    amp_dtype,
+    autocast_context,
+    init_from_checkpoint,
+    load_model,
+    select_device,
+    split_train_validation,
+    train_model,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory):
+    """A private DIFFAD_HOME holding the smoke preset's synthetic dataset."""
+    from diffad_core.data import resolve_dataset
+
+    root = tmp_path_factory.mktemp("diffad_home")
+    previous = os.environ.get("DIFFAD_HOME")
+    os.environ["DIFFAD_HOME"] = str(root)
+    resolve_dataset(load_config("smoke"), progress=False)
+    yield root
+    if previous is None:
+        os.environ.pop("DIFFAD_HOME", None)
+    else:
+        os.environ["DIFFAD_HOME"] = previous
+
+
+def _cfg(*overrides: str):
+    return load_config("smoke", overrides=["runtime.device=cpu", *overrides])
+
+
+# ----------------------------------------------------------------------------- device / amp / split
+def test_select_device():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TrainError, match="not one of"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="no CUDA device"):
+            select_device("cuda:1")
+
+
+def test_amp_resolution_on_cpu():
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu, "auto") is None and amp_dtype(cpu, "off") is None
+    assert amp_dtype(cpu, "bf16") == torch.bfloat16
+    with pytest.raises(TrainError, match="fp16 needs a CUDA"):
+        amp_dtype(cpu, "fp16")
+    with autocast_context(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_split_train_validation_is_deterministic_and_disjoint():
+    train, val = split_train_validation(20, 0.1, 0)
+    assert len(val) == 2 and len(train) == 18
+    assert sorted(set(train) | set(val)) == list(range(20)) and not set(train) & set(val)
+    again = split_train_validation(20, 0.1, 0)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
+    cfg = _cfg("score.validation_fraction=0.25", "seed=3")
+    by_cfg = split_train_validation(8, cfg)
+    explicit = split_train_validation(8, 0.25, 3)
+    assert np.array_equal(by_cfg[1], explicit[1]) and len(explicit[1]) == 2
+    assert len(split_train_validation(3, 0.01, 0)[1]) == 1  # at least one when fraction > 0
+    assert len(split_train_validation(1, 0.5, 0)[1]) == 0  # never all of them
+    assert len(split_train_validation(10, 0.0, 0)[1]) == 0
+    with pytest.raises(ValueError, match="fraction"):
+        split_train_validation(10, 1.0, 0)
+
+
+# ----------------------------------------------------------------------------- losses
+def test_hybrid_loss_decreases_on_four_fixed_images():
+    from diffad_core.nets import FeatureTarget, build_unet
+
+    cfg = _cfg("data.image_size=16")  # 16 px keeps this loop cheap; the maths is size-free
+    torch.manual_seed(0)
+    target_net = FeatureTarget(cfg.features).eval()
+    unet = build_unet(cfg, target_net.channels)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        target = target_net(x0)
+    s = linear_schedule()
+    t = torch.tensor([0, 10, 300, 900])
+    noise = torch.randn(x0.shape, generator=g)
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    history = []
+    for _ in range(20):
+        terms = training_losses(s, unet, x0, t, None, target, noise=noise)
+        loss = terms["loss"].mean()
+        assert all(torch.isfinite(v).all() for v in terms.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append({k: v.mean().item() for k, v in terms.items()})
+    assert np.mean([h["loss"] for h in history[-3:]]) < 0.7 * np.mean([h["loss"] for h in history[:3]])
+    for k in ("mse", "vb", "feature"):  # every term of the hybrid loss goes down
+        assert history[-1][k] < history[0][k], k
+
+
+# ----------------------------------------------------------------------------- train / load
+def test_train_writes_checkpoint_and_load_round_trips(home: Path, tmp_path: Path):
+    logs: list[tuple[int, dict]] = []
+    cfg = _cfg()
+    out = tmp_path / "ck"
+    result = train_model(cfg, ["weave"], out, progress=False, on_log=lambda s, d: logs.append((s, d)))
+    for name in ("model.safetensors", "padim.safetensors", "config.json", "meta.json", "train_state.pt"):
+        assert (out / name).is_file(), name
+    assert result.steps == cfg.train.iterations == 4
+    assert [s for s, _ in result.losses] == [1, 2, 3, 4]
+    assert result.final_loss == result.losses[-1][1] and np.isfinite(result.final_loss)
+    assert [s for s, _ in logs] == [1, 2, 3, 4]
+    assert set(logs[0][1]) == {"loss", "mse", "vb", "feature", "lr"}
+    # Linear anneal to 0: lr_i = lr * (1 - i / N) for i = 0..N-1.
+    assert [d["lr"] for _, d in logs] == pytest.approx([1e-4, 7.5e-5, 5e-5, 2.5e-5])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["categories"] == ["weave"] and meta["class_index"] == {"weave": 0}
+    assert meta["steps"] == 4 and meta["image_size"] == 32
+    assert {"torch", "timm"} <= set(meta["versions"])
+
+    model = load_model(out, device="cpu")
+    assert model.class_index == {"weave": 0} and model.schedule.num_timesteps == 250
+    assert model.schedule.timestep_map[5].item() == 20
+    assert not model.unet.training
+    stored = load_file(str(out / "model.safetensors"))
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    for k, v in model.unet.state_dict().items():
+        assert torch.equal(v, stored[k]) and torch.equal(v, state["ema"][k])
+    # The EMA differs from the raw weights (ema_rate 0.9 over 4 steps).
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    # The loaded PaDiM is fitted and gives the same map as a fit during training would.
+    assert model.padim.fitted
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert model.padim.score_map(x).shape == (1, *model.padim.grid)
+    # The loaded feature target is the one the feature head was trained against.
+    ft = model.feature_target(x)
+    assert ft.shape[1] == meta["feature_channels"]
+
+    # A finished folder is returned as is, without training again.
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    again = train_model(cfg, ["weave"], out, progress=False)
+    assert again.losses == result.losses and again.steps == 4
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(TrainError, match="different config"):
+        train_model(_cfg("train.iterations=5"), ["weave"], out, progress=False)
+
+    (out / "padim.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ck has no padim\.safetensors"):
+        load_model(out)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_identical(home: Path, tmp_path: Path):
+    cfg = _cfg("train.iterations=5", "train.checkpoint_every=2", "train.log_every=1")
+    full = train_model(cfg, ["weave"], tmp_path / "full", progress=False)
+
+    def stop_at_3(step: int, _: dict) -> None:
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_model(cfg, ["weave"], tmp_path / "cut", progress=False, on_log=stop_at_3)
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    resumed = train_model(cfg, ["weave"], tmp_path / "cut", progress=False)
+    assert resumed.losses == full.losses
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "full" / "train_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+def test_unified_class_conditional_with_held_out_validation(home: Path, tmp_path: Path):
+    cfg = _cfg("mode=unified", "unet.class_cond=true", "unet.num_classes=4", "train.iterations=2",
+               "score.alpha_per_category=true", "score.validation_fraction=0.34")
+    result = train_model(cfg, ["weave", "bolt"], tmp_path / "uni", progress=False)
+    meta = json.loads((tmp_path / "uni" / "meta.json").read_text())
+    assert meta["class_index"] == {"bolt": 0, "weave": 1}
+    n_train = cfg.data.synth.n_train
+    expected = split_train_validation(n_train, cfg)[1].tolist()
+    assert meta["held_out"] == {"weave": expected, "bolt": expected} and len(expected) == 2
+    assert result.steps == 2
+    model = load_model(tmp_path / "uni", device="cpu")
+    assert "label_emb.weight" in model.unet.state_dict()
+    assert int(model.padim.n_fit) == 2 * (n_train - len(expected))
+    with pytest.raises(TrainError, match="per_category trains one category"):
+        train_model(_cfg(), ["weave", "bolt"], tmp_path / "bad", progress=False)
+
+
+def test_init_from_checkpoint_reports_mismatches(home: Path, tmp_path: Path):
+    from diffad_core.nets import build_unet
+
+    cfg = _cfg("unet.class_cond=true", "unet.num_classes=2")
+    torch.manual_seed(1)
+    donor = build_unet(cfg, 192).state_dict()
+    changed = "input_blocks.0.0.weight"
+    donor[changed] = torch.zeros(donor[changed].shape[0] + 1, *donor[changed].shape[1:])
+    donor["label_emb.weight"] = torch.zeros(1000, donor["label_emb.weight"].shape[1])
+    donor["something.extra"] = torch.zeros(3)
+    del donor["out.2.bias"]
+    path = tmp_path / "adm.pt"
+    torch.save(donor, path)
+
+    torch.manual_seed(2)
+    unet = build_unet(cfg, 192)
+    ours_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    report = init_from_checkpoint(unet, path)
+    text = "\n".join(report)
+    assert f"shape mismatch, kept ours: {changed}" in text
+    assert "dropped (label embedding): label_emb.weight" in text
+    assert "unused (not in our UNet): something.extra" in text
+    assert "missing in checkpoint, kept ours: out.2.bias" in text
+    after = unet.state_dict()
+    assert torch.equal(after[changed], ours_before[changed])
+    assert torch.equal(after["label_emb.weight"], ours_before["label_emb.weight"])
+    copied = [k for k in after if k not in (changed, "label_emb.weight", "out.2.bias")]
+    assert len(copied) > 10 and all(torch.equal(after[k], donor[k]) for k in copied)
+    assert report[0] == f"initialised {len(copied)}/{len(after)} tensors from {path}"
+
+    # Through train_model: the report lands in the result and meta.json.
+    run_cfg = _cfg("unet.class_cond=true", "unet.num_classes=2", "train.iterations=1",
+                   f"train.init_checkpoint={path}")
+    result = train_model(run_cfg, ["weave"], tmp_path / "ft", progress=False)
+    assert any(changed in line for line in result.init_report)
+    assert json.loads((tmp_path / "ft" / "meta.json").read_text())["init_report"] == result.init_report
+    with pytest.raises(TrainError, match="does not exist"):
+        init_from_checkpoint(unet, tmp_path / "nope.pt")
