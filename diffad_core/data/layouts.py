@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-DatasetKind = Literal["mvtec", "btad", "folder", "synthetic"]
 DATASET_KINDS: tuple[str, ...] = ("mvtec", "btad", "folder", "synthetic")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -68,6 +66,11 @@ def _rules(dataset: str) -> _Rules:
             f"unknown dataset kind {dataset!r}; choose from {', '.join(DATASET_KINDS)}"
         )
     return _BTAD_RULES if dataset == "btad" else _MVTEC_RULES
+
+
+def normal_folder(dataset: str) -> str:
+    """The folder name of normal images in ``train/`` and ``test/`` ("good", BTAD "ok")."""
+    return _rules(dataset).normal_dir
 
 
 def _is_image(path: Path) -> bool:

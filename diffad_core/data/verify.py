@@ -16,10 +16,10 @@ from diffad_core.data.io import ImageReadError, load_image, load_mask
 from diffad_core.data.layouts import (
     DataError,
     Sample,
-    _rules,
     list_categories,
     list_samples,
     mask_candidates,
+    normal_folder,
 )
 from diffad_core.data.manifest import dataset_manifest
 
@@ -103,7 +103,7 @@ def verify_dataset(root: str | Path, dataset: str = "mvtec", categories: list[st
                    *, workers: int = 4, with_manifest: bool = True) -> VerifyReport:
     """Decode and check ``categories`` (default: all found) of the dataset at ``root``."""
     root = Path(root)
-    _rules(dataset)
+    normal_dir = normal_folder(dataset)  # also rejects an unknown dataset kind
     problems: list[str] = []
     try:
         found = list_categories(root, dataset)
@@ -134,7 +134,6 @@ def verify_dataset(root: str | Path, dataset: str = "mvtec", categories: list[st
                 c.test_anomalous[s.defect_type] = c.test_anomalous.get(s.defect_type, 0) + 1
                 c.masks += s.mask_path is not None
         counts[cat] = c
-        normal_dir = _rules(dataset).normal_dir
         if c.train_good == 0:
             problems.append(f"empty category: {cat!r} has no training images in "
                             f"{root / cat / 'train' / normal_dir}")
