@@ -318,13 +318,11 @@ class UNet(nn.Module):
         for idx, block in enumerate(self.output_blocks):
             h = torch.cat([h, skips.pop()], dim=1)
             if idx == self._feature_block:
-                # the level's last res(+attn) block, then tap before the upsampling layer
-                n_keep = len(block) - (1 if self.feature_level else 0)
-                for layer in list(block)[:n_keep]:
-                    h = layer(h, emb) if isinstance(layer, _TimestepBlock) else layer(h)
+                # the 1/4 level's last res(+attn) block; tap before its upsampling layer (last)
+                h = block[:-1](h, emb)
                 feat_in = h
-                for layer in list(block)[n_keep:]:
-                    h = layer(h, emb) if isinstance(layer, _TimestepBlock) else layer(h)
+                up = block[-1]
+                h = up(h, emb) if isinstance(up, _TimestepBlock) else up(h)
             else:
                 h = block(h, emb)
         assert feat_in is not None

@@ -166,3 +166,14 @@ def test_model_summary_paper():
     expected = ADM_256_COND_PARAMS + s["parameters_feature_head"]
     assert abs(s["parameters"] - expected) / expected < 0.005
     assert s["unet"]["channel_mult"] == [1, 1, 2, 2, 4, 4]
+
+
+def test_feature_head_reads_the_quarter_level_before_upsampling():
+    net = UNet(_unet_cfg("cpu-demo"), 64, feature_channels=5)
+    _randomise(net)
+    block = net.output_blocks[net._feature_block]
+    seen = {}
+    block[-1].register_forward_pre_hook(lambda _m, args: seen.setdefault("h", args[0]))
+    _, feat = net(torch.randn(1, 3, 64, 64), torch.tensor([3]))
+    assert seen["h"].shape == (1, 64, 16, 16)  # 1/4 of 64 px, channel_mult[2] * 32 channels
+    assert torch.allclose(feat, net.feature_head(seen["h"]))
