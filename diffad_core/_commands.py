@@ -239,6 +239,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- predict
+def _output_names(paths: list[Path]) -> list[str]:
+    """``<stem>_anomaly.png`` per input; prefixed by the parent folder (then an index) on clashes."""
+    stems = [p.stem for p in paths]
+    names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    return [f"{n}_{i}_anomaly.png" if names.count(n) > 1 else f"{n}_anomaly.png"
+            for i, n in enumerate(names)]
+
+
 @_errors_to_exit
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
@@ -258,6 +266,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("predictions")
     generator = torch.Generator().manual_seed(int(model.cfg.seed))
     bs = int(model.cfg.score.batch_size)
+    names = _output_names(paths)
     for lo in range(0, len(paths), bs):
         chunk = paths[lo:lo + bs]
         arrays = []
@@ -271,7 +280,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for j, p in enumerate(chunk):
             amap = batch.anomaly_map[j].numpy()
             panel = side_by_side([to_uint8_image(arrays[j]), overlay(arrays[j], amap)])
-            target = save_png(panel, out / f"{p.stem}_anomaly.png")
+            target = save_png(panel, out / names[lo + j])
             print(f"{p}\t{float(batch.image_score[j]):.6f}\t{target}")
     return 0
 

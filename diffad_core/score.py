@@ -429,8 +429,14 @@ def choose_alpha(
     if not grid:
         raise ValueError("score.alpha_grid is empty")
     train = prepare_split(cfg, category, "train")
-    _, val_idx = split_train_validation(len(train.labels), cfg)
-    val_idx = [int(i) for i in val_idx]
+    held_out = (model.meta or {}).get("held_out", {}) if isinstance(model.meta, dict) else {}
+    if held_out.get(category):
+        # The exact indices the trainer excluded (recorded in the checkpoint's meta.json).
+        val_idx = [int(i) for i in held_out[category]]
+        note = ""
+    else:
+        val_idx = [int(i) for i in split_train_validation(len(train.labels), cfg)[1]]
+        note = "; the model was trained without holding them out (train with score.alpha_per_category)"
     if not val_idx:
         raise ValueError(
             f"no held-out training images for category {category!r} "
@@ -467,6 +473,6 @@ def choose_alpha(
         grid=grid,
         validation_pro=pro,
         validation_pixel_auroc=auroc,
-        source=f"{ALPHA_SOURCE} ({len(val_idx)} normal + {len(val_idx)} synthetic images)",
+        source=f"{ALPHA_SOURCE} ({len(val_idx)} normal + {len(val_idx)} synthetic images{note})",
         n_validation_images=len(images),
     )
