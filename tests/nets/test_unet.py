@@ -173,7 +173,11 @@ def test_feature_head_reads_the_quarter_level_before_upsampling():
     _randomise(net)
     block = net.output_blocks[net._feature_block]
     seen = {}
-    block[-1].register_forward_pre_hook(lambda _m, args: seen.setdefault("h", args[0]))
+
+    def _keep_input(_module, args):
+        seen["h"] = args[0]
+
+    block[-1].register_forward_pre_hook(_keep_input)
     _, feat = net(torch.randn(1, 3, 64, 64), torch.tensor([3]))
     assert seen["h"].shape == (1, 64, 16, 16)  # 1/4 of 64 px, channel_mult[2] * 32 channels
     assert torch.allclose(feat, net.feature_head(seen["h"]))
