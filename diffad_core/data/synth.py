@@ -394,7 +394,7 @@ def _defect_scratch(scene: _Scene, rng: np.random.Generator, severity: float,
     for _ in range(n_seg):
         heading += rng.normal(0, 0.35)
         points.append(points[-1] + length / n_seg * np.array([math.sin(heading), math.cos(heading)]))
-    width = rng.uniform(1.0, 2.6) * size / 64
+    width = max(1.0, rng.uniform(1.0, 2.6) * size / 64)
     region = (_polyline_distance(size, np.array(points)) <= width / 2) & scene.fg
     if not region.any():
         return scene.image, region
@@ -409,7 +409,8 @@ def _centre_and_radius(scene: _Scene, rng: np.random.Generator, max_frac: float,
     where = scene.fg
     if on_edge:
         where = scene.fg & ~ndimage.binary_erosion(scene.fg, iterations=2)
-    return _pick(rng, where), _log_uniform(rng, 1.6 * size / 64, max_frac * size)
+    lo = max(1.2, 1.6 * size / 64)
+    return _pick(rng, where), _log_uniform(rng, lo, max(lo, max_frac * size))
 
 
 def _is_object(scene: _Scene) -> bool:
@@ -495,7 +496,7 @@ def _defect_bend(scene: _Scene, rng: np.random.Generator, severity: float,
     else:
         centre = _pick(rng, scene.fg)
         spread = rng.uniform(0.05, 0.14) * size
-    amplitude = (1.5 + 3.0 * severity) * size / 64
+    amplitude = max(1.5, (1.5 + 3.0 * severity) * size / 64)
     heading = rng.uniform(0, 2 * np.pi)
     yy, xx = _grid(size)
     bump = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * spread ** 2))
