@@ -68,10 +68,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class _TimestepBlock(nn.Module):
-    """A block whose forward also takes the (timestep + label) embedding."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    """Marker base: a block whose forward(x, emb) also takes the (timestep + label) embedding."""
 
 
 class _EmbedSequential(nn.Sequential):
