@@ -205,3 +205,14 @@ def test_bad_config_is_rejected(tmp_path: Path) -> None:
         generate_dataset(tmp_path, SynthConfig(size=8))
     assert not (tmp_path / "weave").exists()
 
+
+
+@pytest.mark.parametrize("size", [16, 48])
+def test_tiny_images_always_get_a_defect(size: int) -> None:
+    # The smoke preset renders at 48 px; 16 px is the smallest size allowed.
+    for category, defects in CATEGORY_DEFECTS.items():
+        for defect in defects:
+            for index in range(4):
+                clean, image, mask = synth._render_sample(category, size, 2, "test", defect, index)
+                assert mask is not None and (mask > 0).sum() >= 4
+                assert ((clean != image).any(axis=-1) <= (mask > 0)).all()
