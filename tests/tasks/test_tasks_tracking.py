@@ -1,0 +1,51 @@
+"""MLflow tracking: where the store is, params flattening, parent/child runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffad_core.config import load_config
+from tasks import tracking
+
+
+def test_default_store_is_under_diffad_home(home: Path) -> None:
+    uri = tracking.tracking_uri()
+    assert uri == f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    assert tracking.local_artifact_root(uri) == home.resolve() / "mlartifacts"
+
+
+def test_env_uri_wins_and_artifacts_go_beside_the_db(home: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other/ml.db")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/other/ml.db"
+    assert tracking.local_artifact_root() == (tmp_path / "other" / "mlartifacts").resolve()
+    assert tracking.local_artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_flatten_config_cuts_long_values() -> None:
+    flat = tracking.flatten_config({"a": {"b": 1, "c": {"d": "x"}}, "long": "y" * 900, "e": [1, 2]})
+    assert flat == {"a.b": "1", "a.c.d": "x", "long": "y" * 497 + "...", "e": "[1, 2]"}
+    assert all(len(v) <= tracking.PARAM_LIMIT for v in flat.values())
+
+
+def test_parent_and_child_runs(home: Path) -> None:
+    cfg = load_config("smoke")
+    parent = tracking.start_run(cfg, "parent", {"diffad_run_id": "r1"})
+    child = tracking.start_run(cfg, "weave", {"category": "weave"}, parent_run_id=parent)
+    tracking.log_curve(child, "train_loss", [(0, 1.5), (1, 1.25), (2, float("nan")), (3, 1.0)])
+    tracking.log_metrics(child, {"pro": 0.5, "missing": None, "nan": float("nan")})
+    tracking.end_run(child)
+    client = tracking.get_client()
+    run = client.get_run(child)
+    assert run.data.tags[tracking.PARENT_TAG] == parent
+    assert run.data.tags["parent_run_id"] == parent
+    assert run.data.params["train.iterations"] == str(cfg.train.iterations)
+    assert run.data.metrics == {"train_loss": 1.0, "pro": 0.5}
+    history = client.get_metric_history(child, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.5), (1, 1.25), (3, 1.0)]
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((home.resolve() / "mlartifacts").as_uri())
+    assert not (Path.cwd() / "mlruns").exists()
+    assert not (Path.cwd() / "mlflow.db").exists()
