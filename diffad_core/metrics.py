@@ -167,51 +167,45 @@ def _pro_area(
 ) -> float:
     """Area under the official PRO curve on [0, x_max], divided by x_max.
 
-    The curve's points are all distinct thresholds. Walking thresholds downwards, FPR only moves
-    at the distinct scores t of normal pixels; between them the curve is vertical (only the PRO
-    rises), which adds no area. So the polyline is the union of the segments
-    (FPR(> t), PRO(> t)) -> (FPR(>= t), PRO(>= t)) over distinct normal scores t, each a
-    trapezoid; the segment crossing x_max is cut there with linear interpolation.
+    The curve's points are all distinct thresholds. Walking thresholds downwards, the FPR only
+    moves at the distinct scores t of normal pixels; between them the curve is vertical (only
+    PRO rises), which adds no area. So the polyline is made of the segments
+    (FPR(> t), PRO(> t)) -> (FPR(>= t), PRO(>= t)), one per distinct normal score t, of width
+    #(normal == t) / n_ok. Split over its pixels, every normal pixel p whose segment lies
+    wholly below x_max adds (PRO(> s_p) + PRO(>= s_p)) / 2 / n_ok; the one segment crossing
+    x_max is cut there with linear interpolation.
     """
     n_ok = ok_scores.size
-    # Only normal scores down to the first threshold whose FPR exceeds x_max matter. With
-    # k = floor(x_max * n_ok) + 1, the (k+1)-th largest normal score v has FPR(v) >= (k+1)/n_ok
-    # > x_max; keeping every normal score >= v keeps every segment up to and across x_max.
-    k = int(np.floor(x_max * n_ok)) + 1
-    if k < n_ok:
-        v = np.partition(ok_scores, n_ok - 1 - k)[n_ok - 1 - k]
-        ok_scores = ok_scores[ok_scores >= v]
-    ok_sorted = np.sort(ok_scores)[::-1]  # descending
-    # Distinct normal scores (descending) and the count of normal pixels > t and >= t.
-    last_of_group = np.flatnonzero(np.append(ok_sorted[1:] != ok_sorted[:-1], True))
-    thresholds = ok_sorted[last_of_group]
-    count_ge = last_of_group + 1
-    count_gt = np.concatenate(([0], count_ge[:-1]))
-    x_gt = count_gt / n_ok
-    x_ge = count_ge / n_ok
-
-    # PRO(>= t) and PRO(> t) at every kept threshold: each anomalous pixel adds
-    # 1 / (its region's size) / n_regions to every threshold at or below its score.
+    # Each anomalous pixel adds w = 1 / (its region's size) / n_regions to PRO(t) for t <= score.
     region_size = np.bincount(anom_regions, minlength=n_regions + 1)
-    weights = 1.0 / region_size[anom_regions] / n_regions
-    ascending = thresholds[::-1]
-    n_t = ascending.size
-    # Pixel a counts for ascending[i] with i < (#thresholds <= a) in PRO(>=), < (#< a) in PRO(>).
-    y_ge = _suffix_sums(np.searchsorted(ascending, anom_scores, side="right"), weights, n_t)[::-1]
-    y_gt = _suffix_sums(np.searchsorted(ascending, anom_scores, side="left"), weights, n_t)[::-1]
-    np.minimum(y_ge, 1.0, out=y_ge)
-    np.minimum(y_gt, 1.0, out=y_gt)
+    order = np.argsort(anom_scores)
+    anom_sorted = anom_scores[order]
+    weights = 1.0 / region_size[anom_regions[order]] / n_regions
 
-    full = int(np.searchsorted(x_ge, x_max, side="right"))  # segments ending at or before x_max
-    area = float(np.sum(0.5 * (y_gt[:full] + y_ge[:full]) * (x_ge[:full] - x_gt[:full])))
-    if full < x_ge.size and x_gt[full] < x_max:  # the segment that crosses x_max
-        x0, x1, y0, y1 = x_gt[full], x_ge[full], y_gt[full], y_ge[full]
-        y_cut = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
-        area += 0.5 * (y0 + y_cut) * (x_max - x0)
+    # c = the most normal pixels at or above a threshold with FPR c / n_ok still <= x_max.
+    c = min(int(np.floor(x_max * n_ok)), n_ok)
+    while c < n_ok and (c + 1) / n_ok <= x_max:
+        c += 1
+    while c > 0 and c / n_ok > x_max:
+        c -= 1
+    if c == n_ok:  # x_max = 1: every segment is whole
+        full_sorted, t_cut = np.sort(ok_scores), None
+    else:
+        # t_cut, the (c+1)-th largest normal score, owns the segment crossing x_max: FPR(>= t_cut)
+        # > x_max, while every normal score above it has FPR(>= s) <= c / n_ok <= x_max.
+        t_cut = np.partition(ok_scores, n_ok - 1 - c)[n_ok - 1 - c]
+        full_sorted = np.sort(ok_scores[ok_scores > t_cut])
+
+    # sum_p PRO(>= s_p) = sum_a w_a * #{p : s_p <= a}; sum_p PRO(> s_p) = sum_a w_a * #{p : s_p < a}.
+    n_le = np.searchsorted(full_sorted, anom_sorted, side="right")
+    n_lt = np.searchsorted(full_sorted, anom_sorted, side="left")
+    area = 0.5 * (float(weights @ n_le) + float(weights @ n_lt)) / n_ok
+    if t_cut is not None:
+        x0 = full_sorted.size / n_ok
+        x1 = (full_sorted.size + int(np.count_nonzero(ok_scores == t_cut))) / n_ok
+        y0 = min(float(weights[anom_sorted > t_cut].sum()), 1.0)  # PRO(> t_cut)
+        y1 = min(float(weights[anom_sorted >= t_cut].sum()), 1.0)  # PRO(>= t_cut)
+        if x0 < x_max:
+            y_cut = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+            area += 0.5 * (y0 + y_cut) * (x_max - x0)
     return area / x_max
-
-
-def _suffix_sums(counts_below: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
-    """out[i] = sum of weights[j] over j with counts_below[j] > i, for i in range(n)."""
-    per_bin = np.bincount(counts_below, weights=weights, minlength=n + 1)
-    return np.cumsum(per_bin[::-1])[::-1][1:]

@@ -119,6 +119,17 @@ def test_pro_limit_exactly_on_curve_point() -> None:
     assert pro_score(maps, masks, 0.3) == pytest.approx(_reference_pro(maps, masks, 0.3), abs=1e-12)
 
 
+def test_pro_limit_on_curve_point_where_float_floor_is_low() -> None:
+    # 22 normal pixels and limit 15/22: floor(limit * 22) is 14 in floating point.
+    rng = np.random.default_rng(21)
+    maps = rng.permutation(24).astype(np.float64).reshape(1, 4, 6)
+    masks = np.zeros((1, 4, 6), dtype=np.uint8)
+    masks[0, 1, 1] = masks[0, 3, 5] = 1
+    limit = 15 / 22
+    assert int(np.floor(limit * 22)) == 14
+    assert pro_score(maps, masks, limit) == pytest.approx(_reference_pro(maps, masks, limit), abs=1e-12)
+
+
 @pytest.mark.parametrize("limit", [0.3, 0.1, 1.0])
 def test_pro_constant_map_is_half_the_limit_area(limit: float) -> None:
     masks = _random_masks(np.random.default_rng(3), 4, 16, 16)
