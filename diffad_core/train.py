@@ -537,6 +537,11 @@ def train_model(
             return unet(x, t, y)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A stale model from an earlier run must not pass for this one (model.safetensors first:
+    # it is the "finished" marker others check).
+    for name in reversed(FINAL_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / name).unlink()
     t_start = time.perf_counter()
     window: dict[str, list[float]] = {k: [] for k in ("loss", "mse", "vb", "feature")}
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {'+'.join(categories)}",

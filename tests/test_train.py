@@ -169,6 +169,10 @@ def test_train_writes_checkpoint_and_load_round_trips(home: Path, tmp_path: Path
     with pytest.raises(TrainError, match="different config"):
         train_model(_cfg("train.iterations=5"), ["weave"], out, progress=False)
 
+    # resume=False starts over in the same folder, with the new config.
+    redo = train_model(_cfg("train.iterations=2"), ["weave"], out, resume=False, progress=False)
+    assert redo.steps == 2 and json.loads((out / "meta.json").read_text())["steps"] == 2
+
     (out / "padim.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"ck has no padim\.safetensors"):
         load_model(out)
@@ -178,17 +182,22 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_is_bit_identical(home: Path, tmp_path: Path):
-    cfg = _cfg("train.iterations=5", "train.checkpoint_every=2", "train.log_every=1")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_is_bit_identical(home: Path, tmp_path: Path, workers: int):
+    # 6 images, batch 2: the run resumes in the second epoch after its first batch, with
+    # rotation on (so the augmentation RNG must be restored, not just replayed).
+    cfg = _cfg("train.iterations=6", "train.checkpoint_every=4", "train.log_every=1",
+               f"train.num_workers={workers}", "unet.dropout=0.1")  # dropout: the global RNG matters too
+    assert cfg.data.augment_rotation
     full = train_model(cfg, ["weave"], tmp_path / "full", progress=False)
 
-    def stop_at_3(step: int, _: dict) -> None:
-        if step == 3:
+    def stop_at_5(step: int, _: dict) -> None:
+        if step == 5:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train_model(cfg, ["weave"], tmp_path / "cut", progress=False, on_log=stop_at_3)
-    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 2
+        train_model(cfg, ["weave"], tmp_path / "cut", progress=False, on_log=stop_at_5)
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 4
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     resumed = train_model(cfg, ["weave"], tmp_path / "cut", progress=False)
     assert resumed.losses == full.losses
