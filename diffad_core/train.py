@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import os
 import random
 import tempfile
@@ -40,6 +41,7 @@ from diffad_core.diffusion import Schedule, diffusion_schedules, training_losses
 FINAL_FILES: tuple[str, ...] = ("padim.safetensors", "config.json", "meta.json", "model.safetensors")
 STATE_FILE = "train_state.pt"
 _STATE_FORMAT = 1
+_log = logging.getLogger(__name__)
 
 
 class TrainError(RuntimeError):
@@ -418,7 +420,15 @@ def train_model(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train one model on ``categories`` (one: per-category; several: unified, class-conditional)
-    and write the checkpoint folder ``out_dir``. See the module docstring."""
+    and write the checkpoint folder ``out_dir``. See the module docstring.
+
+    ``class_index`` is the sorted category list; with ``unet.class_cond`` each image's label is
+    its category's index. Seeds: python/numpy/torch from ``cfg.seed`` plus a crc32 offset of the
+    category list. Timesteps (uniform over the original chain) and noise come from a CPU
+    generator, so the draws do not depend on the device. ``resume=True`` continues from
+    ``train_state.pt`` exactly (bit-identical on CPU): the interrupted epoch's batches are
+    replayed, then the RNG states are restored.
+    """
     from tqdm.auto import tqdm
 
     from diffad_core.data import TrainImages, prepare_split
@@ -437,8 +447,11 @@ def train_model(
     if cfg.unet.class_cond and len(class_index) > cfg.unet.num_classes:
         raise TrainError(f"unet.num_classes={cfg.unet.num_classes} is smaller than the "
                          f"{len(class_index)} categories to train")
-    if cfg.train.iterations < 1 or cfg.train.batch_size < 1:
-        raise TrainError("train.iterations and train.batch_size must be >= 1")
+    for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(cfg.train, name) < 1:
+            raise TrainError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
+    if not 0.0 <= cfg.train.ema_rate < 1.0:
+        raise TrainError(f"train.ema_rate must be in [0, 1), got {cfg.train.ema_rate}")
 
     if resume:
         meta = _finished(out_dir, cfg)
@@ -482,6 +495,8 @@ def train_model(
                              "train with resume=False (--no-resume) to start over")
     elif cfg.train.init_checkpoint:
         init_report = init_from_checkpoint(unet, cfg.train.init_checkpoint)
+        for line in init_report:
+            _log.info("init_checkpoint: %s", line)
     ema = copy.deepcopy(unet).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
