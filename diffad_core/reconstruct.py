@@ -74,6 +74,10 @@ def gradient_denoise(
 
     from diffad_core.train import autocast_context
 
+    if generator is not None and cfg.sample and generator.device != device:
+        # reverse_step draws its noise on the images' device: seed a generator there from ours.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        generator = torch.Generator(device=device).manual_seed(seed)
     # Algorithm 1, line 1: start from the test image itself.
     x = images.to(device=device, dtype=torch.float32)
     for _ in range(int(cfg.rounds)):  # Algorithm 1, line 2
