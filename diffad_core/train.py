@@ -630,7 +630,9 @@ def train_model(
 
 # ----------------------------------------------------------------------------- load
 def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = None) -> DiffadModel:
-    """Rebuild a trained model from its checkpoint folder (EMA UNet in eval mode)."""
+    """Rebuild a trained model from its checkpoint folder (EMA UNet in eval mode) on ``device``
+    (default: CUDA if available, else CPU). A missing file is a FileNotFoundError naming the
+    folder and the file."""
     from safetensors.torch import load_file
 
     from diffad_core.nets import build_unet
@@ -647,7 +649,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device | None = N
         meta = json.loads((folder / "meta.json").read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"checkpoint folder {folder}: unreadable JSON: {exc}") from exc
-    dev = select_device(device if device is not None else cfg.runtime.device)
+    # None: "auto" here, not the training machine's runtime.device (a model loads anywhere).
+    dev = select_device(device if device is not None else "auto")
     feature_target = _build_feature_target(cfg).to(dev)
     channels = int(meta.get("feature_channels", feature_target.channels))
     if channels != int(feature_target.channels):
