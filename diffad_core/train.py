@@ -554,7 +554,8 @@ def train_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     # A stale model from an earlier run must not pass for this one (model.safetensors first:
     # it is the "finished" marker others check).
-    for name in reversed(FINAL_FILES):
+    stale = list(reversed(FINAL_FILES)) + ([STATE_FILE] if state is None else [])
+    for name in stale:
         with contextlib.suppress(FileNotFoundError):
             (out_dir / name).unlink()
     t_start = time.perf_counter()
