@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from flows.category import train_category, train_or_restore
 from tasks import pipeline as p
 
 
@@ -32,13 +33,13 @@ def _error_text(state: Any) -> str:
     return state.message or state.name
 
 
-def _fan_out_local(todo: list[str], common: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _fan_out_local(todo: list[str], common: dict[str, Any],
+                   hashes: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Each category as an in-process subflow; a failure is recorded, never raised."""
-    from flows.category import train_category
-
     outcomes: dict[str, dict[str, Any]] = {}
     for cat in todo:
-        state = train_category(category=cat, **common, return_state=True)
+        state = train_category(category=cat, **{**common, "manifest_hash": hashes[cat]},
+                               return_state=True)
         if state.is_completed():
             outcomes[cat] = state.result()
         else:
@@ -46,14 +47,15 @@ def _fan_out_local(todo: list[str], common: dict[str, Any]) -> dict[str, dict[st
     return outcomes
 
 
-def _fan_out_deployments(todo: list[str], common: dict[str, Any],
+def _fan_out_deployments(todo: list[str], common: dict[str, Any], hashes: dict[str, str],
                          deployment: str) -> dict[str, dict[str, Any]]:
     """One ``run_deployment`` per category, all at once; workers pull them. The outcome of each
     comes back through ``results/<run_id>/status/<category>.json`` on shared storage."""
     from prefect.deployments.flow_runs import arun_deployment
 
     async def _all() -> list[Any]:
-        calls = [arun_deployment(name=deployment, parameters={"category": c, **common},
+        calls = [arun_deployment(name=deployment, parameters={**common, "category": c,
+                                             "manifest_hash": hashes[c]},
                                  flow_run_name=f"{common['run_id']}-{c}", timeout=None,
                                  poll_interval=2, as_subflow=True) for c in todo]
         return await asyncio.gather(*calls, return_exceptions=True)
@@ -139,6 +141,9 @@ def full_benchmark(
     data = p.prepare_data(cfg)
     weights = p.prepare_weights(cfg)
     cats: list[str] = data["categories"]
+    # From here on the config names the resolved data folder and category list, exactly as each
+    # category flow builds it from ``common`` (so their config hashes agree).
+    cfg = p.make_config(preset, overrides, cfg.data.dataset, data["root"], cats)
     unknown = sorted(set(only or []) - set(cats))
     if unknown:
         raise ValueError(f"categories {unknown} are not in this run's categories {cats}")
@@ -158,30 +163,30 @@ def full_benchmark(
         "dataset": cfg.data.dataset, "root": data["root"], "categories": cats,
         "manifest_hash": manifest, "parent_mlflow_run_id": parent, "date": date,
     }
+    # Per-category models depend only on their own category's files (METHOD.md §1 layout).
+    hashes = {c: manifest if cfg.mode == "unified" else data["category_hashes"][c] for c in cats}
     try:
         unified: dict[str, Any] | None = None
         if cfg.mode == "unified":
             # One class-conditional model over all categories (METHOD.md §2, "Unified model").
-            train_task = p.train_model_task.with_options(result_storage=p.caching.result_storage_path())
-            state = train_task(cfg, cats, "unified", manifest, date, return_state=True)
-            unified = state.result()
-            p.log_training(parent, unified, cached=state.name == "Cached")
+            unified, cached = train_or_restore(cfg, cats, "unified", manifest, date)
+            p.log_training(parent, unified, cached=cached)
             common.update(checkpoint_dir=unified["checkpoint_dir"], train_key=unified["train_key"])
 
         wanted = list(only) if only else cats
         outcomes: dict[str, dict[str, Any]] = {}
         todo = []
         for cat in wanted:
-            reused = None if force else _reusable(run_id, cat, cfg.config_hash(), manifest)
+            reused = None if force else _reusable(run_id, cat, cfg.config_hash(), hashes[cat])
             if reused is not None:
                 logger.info("category %s already done in run %s: kept", cat, run_id)
                 outcomes[cat] = reused
             else:
                 todo.append(cat)
         if executor == "deployments":
-            outcomes.update(_fan_out_deployments(todo, common, cfg.runtime.deployment_name))
+            outcomes.update(_fan_out_deployments(todo, common, hashes, cfg.runtime.deployment_name))
         else:
-            outcomes.update(_fan_out_local(todo, common))
+            outcomes.update(_fan_out_local(todo, common, hashes))
 
         # Aggregate over every category of the run, from the parquet files only.
         record = p.read_run_record(run_id) or {}

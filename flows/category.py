@@ -9,11 +9,28 @@ MLflow store.
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from diffad_core.config import DiffadConfig
 from tasks import pipeline as p
+
+
+def train_or_restore(cfg: DiffadConfig, categories: list[str], label: str, manifest_hash: str,
+                     date: str | None) -> tuple[dict[str, Any], bool]:
+    """The training task with result persistence under DIFFAD_HOME: a cache hit restores the
+    trained model; if its checkpoint was deleted since, the task runs again."""
+    train_task = p.train_model_task.with_options(result_storage=p.caching.result_storage_path())
+    state = train_task(cfg, categories, label, manifest_hash, date, return_state=True)
+    train = state.result()
+    cached = state.name == "Cached"
+    if cached and not (Path(train["checkpoint_dir"]) / "model.safetensors").is_file():
+        state = train_task.with_options(refresh_cache=True)(
+            cfg, categories, label, manifest_hash, date, return_state=True)
+        train, cached = state.result(), False
+    return train, cached
 
 
 @flow(name="train-category", log_prints=True, validate_parameters=True)
@@ -35,19 +52,19 @@ def train_category(
     scores; otherwise it trains the category's own model, or restores it from the cache.
     ``categories``: the whole run's list (so this config and its hash equal the parent's)."""
     cfg = p.make_config(preset, overrides, dataset, root, categories)
-    if manifest_hash is None:
-        manifest_hash = p.prepare_data(cfg)["manifest_hash"]
     label = "unified" if cfg.mode == "unified" else category
+    if manifest_hash is None:
+        data = p.prepare_data(cfg)
+        manifest_hash = data["manifest_hash"] if label == "unified" \
+            else data["category_hashes"][category]
     child = p.open_mlflow_run(cfg, category, manifest_hash,
                               {"category": category, "diffad_run_id": run_id, "label": label},
                               parent_mlflow_run_id)
     try:
         train_seconds = None
         if checkpoint_dir is None:
-            train_task = p.train_model_task.with_options(result_storage=p.caching.result_storage_path())
-            state = train_task(cfg, [category], label, manifest_hash, date, return_state=True)
-            train = state.result()
-            p.log_training(child, train, cached=state.name == "Cached")
+            train, cached = train_or_restore(cfg, [category], label, manifest_hash, date)
+            p.log_training(child, train, cached=cached)
             checkpoint_dir, train_key = train["checkpoint_dir"], train["train_key"]
             train_seconds = train["seconds"]
         model_version = f"{label}@{train_key}" if train_key else label

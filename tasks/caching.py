@@ -1,7 +1,7 @@
 """Cache keys, result storage and retry rules for the Prefect tasks (DESIGN.md "Prefect").
 
-A trained model is cached by (categories, the training part of the config, the dataset manifest
-hash, the code version, the run date). The code version is the package version plus a hash of the
+A trained model is cached by (categories, the config hash without the runtime section, the
+dataset manifest hash, the code version, the run date). The code version is the package version plus a hash of the
 ``diffad_core`` sources, so an edit to the library invalidates the cache even without a commit.
 Retries are only for transient failures: bad configs, bad data, out-of-memory and missing files
 fail at once.
@@ -18,10 +18,10 @@ from typing import Any
 
 from diffad_core.config import ConfigError, DiffadConfig, diffad_home
 
-# Config sections that change the trained model; score/reconstruct/metrics/registry/runtime do not.
-TRAIN_SECTIONS = ("seed", "mode", "data", "unet", "diffusion", "features", "train", "padim")
-# Keys that only say where things are, not what is trained.
-_NOT_TRAINING = {("data", "root"), ("data", "categories"), ("data", "cache"), ("data", "sources")}
+# The whole resolved config except the runtime section (device, threads, executor) defines a
+# trained checkpoint: the same rule as train.py's check of an existing checkpoint folder, whose
+# config.json also steers scoring.
+_NOT_MODEL = ("runtime",)
 
 
 def result_storage_path() -> Path:
@@ -54,11 +54,9 @@ def code_version() -> str:
 
 
 def train_config_hash(cfg: DiffadConfig) -> str:
-    """Hash of the config sections that determine the trained weights."""
-    data = cfg.to_dict()
-    kept = {k: data[k] for k in TRAIN_SECTIONS}
-    kept["data"] = {k: v for k, v in kept["data"].items() if ("data", k) not in _NOT_TRAINING}
-    blob = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    """Hash of the config that a checkpoint is trained with (all but the runtime section)."""
+    data = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_MODEL}
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -77,15 +75,12 @@ def checkpoint_dir(cfg: DiffadConfig, label: str, key: str) -> Path:
 
 
 def train_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect ``cache_key_fn`` for the training task.
-
-    The key also records whether the checkpoint is still on disk, so deleting a checkpoint
-    forces a new training instead of restoring a result that points nowhere.
-    """
+    """Prefect ``cache_key_fn`` for the training task: category (label + list), config hash,
+    dataset manifest hash, code version and date. A flow that restores a result whose checkpoint
+    has since been deleted reruns the task with ``refresh_cache=True``."""
     cfg: DiffadConfig = parameters["cfg"]
     key = train_key(cfg, parameters["categories"], parameters["manifest_hash"], parameters.get("date"))
-    present = (checkpoint_dir(cfg, parameters["label"], key) / "model.safetensors").exists()
-    return f"train-{parameters['label']}-{key}-{'present' if present else 'absent'}"
+    return f"train-{parameters['label']}-{key}"
 
 
 def _non_transient() -> tuple[type[BaseException], ...]:

@@ -66,14 +66,20 @@ def provenance_tags(cfg: DiffadConfig, manifest_hash: str | None) -> dict[str, A
 @task(name="prepare-data", **_TRANSIENT_ONLY)
 def prepare_data(cfg: DiffadConfig) -> dict[str, Any]:
     """Synthesize, verify or download the dataset (as the config says) and hash its manifest."""
-    from diffad_core.data import dataset_manifest, resolve_dataset
+    from diffad_core.data import dataset_manifest, manifest_hash, resolve_dataset
 
     root = resolve_dataset(cfg, progress=True)
     categories = cfg.categories()
     manifest = dataset_manifest(root, cfg.data.dataset, categories)
+    # Per category too, so a change in one category's files retrains only that category.
+    per_category = {}
+    for cat in categories:
+        files = [f for f in manifest["files"] if f["path"].split("/", 1)[0] == cat]
+        per_category[cat] = manifest_hash(files)
     get_run_logger().info("dataset %s at %s: %d files, manifest %s", cfg.data.dataset, root,
                           len(manifest["files"]), manifest["hash"])
-    return {"root": str(root), "manifest_hash": manifest["hash"], "categories": categories}
+    return {"root": str(root), "manifest_hash": manifest["hash"], "categories": categories,
+            "category_hashes": per_category}
 
 
 @task(name="prepare-weights", **_TRANSIENT_ONLY)

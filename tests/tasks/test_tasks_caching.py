@@ -22,10 +22,11 @@ def test_train_key_depends_on_what_changes_the_model() -> None:
     assert base != caching.train_key(cfg, ["weave"], "m1", "2026-01-01")
     assert base != caching.train_key(load_config("smoke", overrides=["train.iterations=5"]),
                                      ["weave"], "m1", None)
-    # Scoring, reconstruction, registry and where the data lives do not retrain.
-    same = load_config("smoke", overrides=["score.alpha=0.3", "reconstruct.rounds=7",
-                                           "registry.tolerance=0.1", "data.root=/elsewhere",
-                                           "runtime.num_threads=1"])
+    assert base != caching.train_key(load_config("smoke", overrides=["score.alpha=0.3"]),
+                                     ["weave"], "m1", None)  # the checkpoint's config.json differs
+    # Where and how it runs does not retrain.
+    same = load_config("smoke", overrides=["runtime.num_threads=1", "runtime.device=cpu",
+                                           "runtime.executor=deployments"])
     assert base == caching.train_key(same, ["weave"], "m1", None)
 
 
@@ -34,18 +35,16 @@ def test_code_version_has_source_hash() -> None:
     assert "+src." in version and len(caching.source_hash()) == 12
 
 
-def test_cache_key_notices_a_deleted_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_key_and_checkpoint_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFFAD_HOME", str(tmp_path))
     cfg = load_config("smoke")
     params = {"cfg": cfg, "categories": ["weave"], "label": "weave", "manifest_hash": "m",
               "date": None}
-    absent = caching.train_cache_key(None, params)
-    assert absent.endswith("-absent")
-    ckpt = caching.checkpoint_dir(cfg, "weave", caching.train_key(cfg, ["weave"], "m", None))
-    ckpt.mkdir(parents=True)
-    (ckpt / "model.safetensors").write_bytes(b"x")
-    present = caching.train_cache_key(None, params)
-    assert present.endswith("-present") and present != absent
+    key = caching.train_key(cfg, ["weave"], "m", None)
+    assert caching.train_cache_key(None, params) == f"train-weave-{key}"
+    assert caching.train_cache_key(None, {**params, "date": "2030-01-01"}) != f"train-weave-{key}"
+    assert caching.checkpoint_dir(cfg, "weave", key) == \
+        tmp_path.resolve() / "checkpoints" / "synthetic" / "weave" / key
     assert caching.result_storage_path() == tmp_path.resolve() / "prefect-results"
 
 

@@ -1,0 +1,226 @@
+"""End to end: the full-benchmark flow on the smoke preset in Prefect's test harness.
+
+One run over two synthetic categories where one test image of ``gravel`` is corrupt: ``weave``
+completes (parquet, metrics, report, MLflow parent/child runs, registered model with aliases),
+``gravel`` fails without stopping it and the flow reports the failure. After the image is fixed,
+``rerun-categories --failed`` redoes only ``gravel``; a retry of the run then redoes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RUN_ID = "e2e-run"
+CATEGORIES = ["weave", "gravel"]
+OVERRIDES = [
+    "data.synth.n_train=4", "data.synth.n_test_good=1", "data.synth.n_test_per_defect=1",
+    "train.iterations=2", "reconstruct.max_images_per_category=1", "reconstruct.rounds=1",
+    "runtime.num_threads=1",
+]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from flows._commands import prefect_environment
+
+    prefect_environment()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Iterator[dict[str, Path]]:
+    root = tmp_path_factory.mktemp("e2e")
+    paths = {"home": root / "home", "cwd": root / "cwd", "db": root / "store" / "mlflow.db"}
+    paths["cwd"].mkdir()
+    paths["db"].parent.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFAD_HOME", str(paths["home"]))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{paths['db']}")
+        mp.chdir(paths["cwd"])
+        yield paths
+
+
+def _cfg() -> Any:
+    from tasks.pipeline import make_config
+
+    return make_config("smoke", OVERRIDES, categories=CATEGORIES)
+
+
+@pytest.fixture(scope="module")
+def broken_image(env: dict[str, Path]) -> dict[str, Any]:
+    """Generate the data, then corrupt one gravel test image (keeping its bytes to fix it)."""
+    from diffad_core.data import resolve_dataset
+
+    root = resolve_dataset(_cfg(), progress=False)
+    victim = sorted((root / "gravel" / "test").glob("*/*.png"))[-1]
+    original = victim.read_bytes()
+    victim.write_bytes(b"this is not a png")
+    return {"path": victim, "bytes": original}
+
+
+@pytest.fixture(scope="module")
+def first_run(env: dict[str, Path], broken_image: dict[str, Any]) -> Any:
+    from flows.benchmark import full_benchmark
+
+    return full_benchmark(preset="smoke", categories=CATEGORIES, overrides=OVERRIDES,
+                          run_id=RUN_ID, return_state=True)
+
+
+def _run_dir(env: dict[str, Path]) -> Path:
+    return env["home"] / "results" / RUN_ID
+
+
+def test_failure_is_isolated_and_reported(env: dict[str, Path], first_run: Any,
+                                          broken_image: dict[str, Any]) -> None:
+    assert first_run.is_failed()
+    assert "1 of 2 categories failed" in first_run.message
+    record = json.loads((_run_dir(env) / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert record["categories"]["weave"]["status"] == "done"
+    assert record["categories"]["gravel"]["status"] == "failed"
+    assert broken_image["path"].name in record["categories"]["gravel"]["error"]
+    from diffad_core import results
+
+    metrics = results.read_metrics(_run_dir(env)).set_index("category")
+    assert metrics.loc["weave", "status"] == "ok"
+    assert metrics.loc["gravel", "status"] == "missing partition"
+    assert 0.0 <= metrics.loc["weave", "pixel_auroc"] <= 1.0
+    assert 0.0 <= metrics.loc["weave", "pro"] <= 1.0
+
+
+def test_parquet_and_report(env: dict[str, Path], first_run: Any) -> None:
+    from diffad_core import results
+
+    parts = sorted((_run_dir(env) / "scores" / "category=weave").glob("part-*.parquet"))
+    assert parts
+    table = pq.read_table(parts[0])
+    assert table.schema.remove_metadata() == results.SCORE_SCHEMA
+    df = results.read_scores(_run_dir(env), ["weave"])
+    assert set(df["run_id"]) == {RUN_ID} and set(df["category"]) == {"weave"}
+    assert set(df["label"]) == {0, 1}
+    assert df["reconstruction"].notna().sum() == 1  # reconstruct.max_images_per_category=1
+    assert df["model_version"].str.startswith("weave@").all()
+    report_dir = env["home"] / "reports" / RUN_ID
+    text = (report_dir / "report.md").read_text()
+    assert "weave" in text and "diffad-synthetic-weave" in text
+    assert (report_dir / "report.html").is_file()
+
+
+def test_mlflow_runs_and_registry(env: dict[str, Path], first_run: Any) -> None:
+    from tasks import tracking
+
+    client = tracking.get_client()
+    exp = client.get_experiment_by_name("diffad-synthetic")
+    assert exp.artifact_location.startswith((env["db"].parent / "mlartifacts").resolve().as_uri())
+    runs = client.search_runs([exp.experiment_id], f"tags.diffad_run_id = '{RUN_ID}'")
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    children = {r.data.tags["category"]: r for r in runs if tracking.PARENT_TAG in r.data.tags}
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FAILED"  # one category failed
+    assert set(children) == set(CATEGORIES)
+    for child in children.values():
+        assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id
+        for tag in ("git_sha", "dataset_manifest_hash", "seed", "config_hash", "preset",
+                    "prefect_flow_run_id", "version.torch"):
+            assert tag in child.data.tags, tag
+    weave = children["weave"]
+    assert weave.info.status == "FINISHED" and children["gravel"].info.status == "FAILED"
+    assert {"pixel_auroc", "pro", "image_auroc", "train_seconds", "score_ms_per_image"} \
+        <= set(weave.data.metrics)
+    assert len(client.get_metric_history(weave.info.run_id, "train_loss")) == 2
+    assert weave.data.params["train.iterations"] == "2"
+    assert "weave.pro" in parent.data.metrics
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in arts
+
+    mv = client.get_model_version_by_alias("diffad-synthetic-weave", "champion")
+    assert str(mv.version) == "1" and mv.run_id == weave.info.run_id
+    assert mv.tags["promotion_decision"] == "promoted"
+    assert str(client.get_model_version_by_alias("diffad-synthetic-weave", "challenger").version) == "1"
+    assert not client.search_registered_models("name = 'diffad-synthetic-gravel'")
+    assert not (env["cwd"] / "mlruns").exists()
+
+
+def test_prefect_artifacts(env: dict[str, Path], first_run: Any) -> None:
+    from prefect.artifacts import Artifact
+
+    key = "diffad-" + RUN_ID
+    table = Artifact.get(f"{key}-metrics")
+    summary = Artifact.get(f"{key}-summary")
+    assert table is not None and "weave" in str(table.data)
+    assert summary is not None and "gravel" in str(summary.data) and "failed" in str(summary.data)
+
+
+def test_rerun_failed_redoes_only_that_category(env: dict[str, Path], first_run: Any,
+                                                broken_image: dict[str, Any]) -> None:
+    from flows.benchmark import failed_categories, full_benchmark, rerun_categories
+
+    assert failed_categories(RUN_ID) == ["gravel"]
+    broken_image["path"].write_bytes(broken_image["bytes"])
+    weave_part = _run_dir(env) / "scores" / "category=weave"
+    before = {p.name: p.stat().st_mtime_ns for p in weave_part.iterdir()}
+    state = rerun_categories(run_id=RUN_ID, failed=True, return_state=True)
+    assert state.is_completed(), state.message
+    after = {p.name: p.stat().st_mtime_ns for p in weave_part.iterdir()}
+    assert after == before  # weave was not redone
+    assert (_run_dir(env) / "scores" / "category=gravel").is_dir()
+    record = json.loads((_run_dir(env) / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert {c: o["status"] for c, o in record["categories"].items()} == \
+        {"weave": "done", "gravel": "done"}
+    from diffad_core import results
+
+    metrics = results.read_metrics(_run_dir(env)).set_index("category")
+    assert list(metrics.loc[CATEGORIES, "status"]) == ["ok", "ok"]
+    from tasks import tracking
+
+    client = tracking.get_client()
+    assert str(client.get_model_version_by_alias("diffad-synthetic-gravel", "champion").version) == "1"
+    # weave was not registered again
+    assert len(client.search_model_versions("name = 'diffad-synthetic-weave'")) == 1
+
+    # A retry of the same run redoes nothing: every category is kept.
+    gravel_part = _run_dir(env) / "scores" / "category=gravel"
+    gravel_before = {p.name: p.stat().st_mtime_ns for p in gravel_part.iterdir()}
+    again = full_benchmark(preset="smoke", categories=CATEGORIES, overrides=OVERRIDES,
+                           run_id=RUN_ID, return_state=True)
+    assert again.is_completed(), again.message
+    result = again.result()
+    assert all(o.get("reused") for o in result["outcomes"].values())
+    assert {p.name: p.stat().st_mtime_ns for p in gravel_part.iterdir()} == gravel_before
+    assert not (env["cwd"] / "mlruns").exists()
+
+
+def test_training_cache_survives_a_new_run(env: dict[str, Path], first_run: Any) -> None:
+    """A new run with the same inputs restores the trained model from the Prefect cache; the
+    nightly date changes the key and retrains."""
+    from flows.category import train_category
+    from tasks import caching, tracking
+
+    cfg = _cfg()
+    first = json.loads((_run_dir(env) / "status" / "weave.json").read_text())
+    root = str(env["home"].resolve() / "data" / "synthetic")
+    summary = train_category(category="weave", run_id="e2e-cache", preset="smoke",
+                             overrides=OVERRIDES, categories=CATEGORIES, dataset="synthetic",
+                             root=root)
+    assert summary["checkpoint_dir"] == first["checkpoint_dir"]
+    child = tracking.get_client().get_run(summary["mlflow_run_id"])
+    assert child.data.tags["train_cached"] == "true"
+    dated = caching.train_key(cfg, ["weave"], first["manifest_hash"], "2030-01-01")
+    assert dated != summary["train_key"]
+    assert os.path.isdir(first["checkpoint_dir"])
+    shutil.rmtree(env["home"] / "results" / "e2e-cache", ignore_errors=True)
