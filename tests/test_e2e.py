@@ -224,3 +224,28 @@ def test_training_cache_survives_a_new_run(env: dict[str, Path], first_run: Any)
     assert dated != summary["train_key"]
     assert os.path.isdir(first["checkpoint_dir"])
     shutil.rmtree(env["home"] / "results" / "e2e-cache", ignore_errors=True)
+
+
+def test_unified_mode_trains_once_and_registers_unified(env: dict[str, Path], first_run: Any,
+                                                        broken_image: dict[str, Any]) -> None:
+    from diffad_core import results
+    from flows.benchmark import full_benchmark
+    from tasks import tracking
+
+    broken_image["path"].write_bytes(broken_image["bytes"])
+    state = full_benchmark(preset="smoke", categories=CATEGORIES,
+                           overrides=[*OVERRIDES, "mode=unified"], run_id="e2e-unified",
+                           return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert set(out["registry"]) == {"diffad-synthetic-unified"}
+    run_dir = env["home"] / "results" / "e2e-unified"
+    df = results.read_scores(run_dir, columns=["category", "model_version"])
+    assert set(df["category"]) == set(CATEGORIES)
+    assert df["model_version"].str.startswith("unified@").all()
+    assert df["model_version"].nunique() == 1  # one model scored every category
+    client = tracking.get_client()
+    mv = client.get_model_version_by_alias("diffad-synthetic-unified", "champion")
+    assert mv.run_id == out["mlflow_parent_run_id"]
+    assert len(client.get_metric_history(mv.run_id, "train_loss")) == 2
+    assert "unified" in (env["home"] / "reports" / "e2e-unified" / "report.md").read_text()
