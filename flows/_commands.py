@@ -66,7 +66,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     run_id = args.run_id or p.new_run_id(args.date)
     state = full_benchmark(
         dataset=args.dataset, root=args.root, categories=args.categories, preset=args.preset,
-        overrides=overrides, executor=args.executor, register=args.register,
+        overrides=overrides, executor=args.executor, register_models=args.register,
         promote=args.promote, run_id=run_id, date=args.date, return_state=True)
     return _finish(run_id, state)
 

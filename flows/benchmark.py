@@ -120,7 +120,7 @@ def full_benchmark(
     preset: str = "cpu-demo",
     overrides: list[str] | None = None,
     executor: Literal["local", "deployments"] | None = None,
-    register: bool | None = None,
+    register_models: bool | None = None,
     promote: bool | None = None,
     run_id: str | None = None,
     date: str | None = None,
@@ -130,12 +130,13 @@ def full_benchmark(
     """Benchmark every category (default: all of the dataset). ``only``: (re)run just these
     categories of the run (the others keep their results); ``force``: redo them even when this
     run already has them done (else a retry of the run redoes only what is missing or failed).
-    ``register``/``promote``/``executor`` default to the config's registry/runtime sections."""
+    ``register_models``/``promote``/``executor`` default to the config's registry and runtime
+    sections."""
     logger = get_run_logger()
     cfg = p.make_config(preset, overrides, dataset, root, categories)
     run_id = run_id or p.new_run_id(date)
     executor = executor or cfg.runtime.executor
-    register = cfg.registry.register_models if register is None else register
+    register = cfg.registry.register_models if register_models is None else register_models
     promote = cfg.registry.promote if promote is None else promote
 
     data = p.prepare_data(cfg)
@@ -270,8 +271,8 @@ def nightly_retrain(
     changes and the models really retrain; registers challengers and promotes."""
     date = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     return full_benchmark(dataset=dataset, root=root, categories=categories, preset=preset,
-                          overrides=overrides, executor=executor, register=True, promote=True,
-                          date=date)
+                          overrides=overrides, executor=executor, register_models=True,
+                          promote=True, date=date)
 
 
 def failed_categories(run_id: str) -> list[str]:
@@ -319,6 +320,6 @@ def rerun_categories(
     prm = record["parameters"]
     return full_benchmark(dataset=prm["dataset"], root=prm["root"], categories=prm["categories"],
                           preset=prm["preset"], overrides=prm["overrides"],
-                          executor=executor or prm["executor"], register=prm["register"],
+                          executor=executor or prm["executor"], register_models=prm["register"],
                           promote=prm["promote"], run_id=run_id, date=prm["date"], only=todo,
                           force=True)

@@ -127,7 +127,7 @@ def test_full_benchmark_fans_out_to_two_workers(server: dict[str, Any]) -> None:
 
     run = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST", {
         "parameters": {"preset": "smoke", "executor": "deployments", "categories": CATEGORIES,
-                       "overrides": OVERRIDES, "run_id": "deployed", "register": False},
+                       "overrides": OVERRIDES, "run_id": "deployed", "register_models": False},
     })
     logs = [tmp / "worker-control.log", tmp / "worker-gpu-0.log", tmp / "worker-gpu-1.log"]
     server["procs"].append(_start([PREFECT, "worker", "start", "--pool", "control"], env, logs[0]))
@@ -159,3 +159,16 @@ def test_full_benchmark_fans_out_to_two_workers(server: dict[str, Any]) -> None:
         {c: "done" for c in CATEGORIES}
     for cat in CATEGORIES:
         assert (tmp / "home" / "results" / "deployed" / "scores" / f"category={cat}").is_dir()
+    # Each category logged its MLflow child run from its worker process under the parent's run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("diffad-synthetic")
+    runs = client.search_runs([exp.experiment_id], "tags.diffad_run_id = 'deployed'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = {r.data.tags["category"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(kids) == set(CATEGORIES)
+    assert {r.data.tags["mlflow.parentRunId"] for r in kids.values()} == {parents[0].info.run_id}
+    flow_run_ids = {r.data.tags["prefect_flow_run_id"] for r in kids.values()}
+    assert flow_run_ids == {c["id"] for c in done}
