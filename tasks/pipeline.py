@@ -364,12 +364,20 @@ def make_config(preset: str, overrides: list[str] | None = None, dataset: str | 
 
 
 def new_run_id(date: str | None = None) -> str:
-    """A run id: the flow run's id when inside a flow (stable across retries), else random."""
+    """A run id ``<date or time>-<8 hex>``. Inside a flow run it derives from the flow run's id
+    and scheduled start, so ``prefect flow-run retry`` continues the same run (and redoes only
+    what is missing or failed); outside, it is random."""
     import uuid
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    suffix = (_flow_run_id() or uuid.uuid4().hex)[:8]
-    return f"{date or stamp}-{suffix}" if date else f"{stamp}-{suffix}"
+    flow_run_id = _flow_run_id()
+    if flow_run_id:
+        from prefect.runtime import flow_run
+
+        stamp = flow_run.scheduled_start_time.strftime("%Y%m%d-%H%M%S")
+        suffix = flow_run_id.replace("-", "")[:8]
+    else:
+        stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:8]
+    return f"{date}-{suffix}" if date else f"{stamp}-{suffix}"
 
 
 def run_record_path(run_id: str) -> Path:

@@ -249,3 +249,19 @@ def test_unified_mode_trains_once_and_registers_unified(env: dict[str, Path], fi
     assert mv.run_id == out["mlflow_parent_run_id"]
     assert len(client.get_metric_history(mv.run_id, "train_loss")) == 2
     assert "unified" in (env["home"] / "reports" / "e2e-unified" / "report.md").read_text()
+
+
+def test_run_id_is_stable_within_a_flow_run(prefect_harness: None) -> None:
+    from prefect import flow
+
+    from tasks.pipeline import new_run_id
+
+    @flow
+    def ids() -> tuple[str, str, str]:
+        return new_run_id(), new_run_id(), new_run_id("2030-01-02")
+
+    first, second, dated = ids()
+    assert first == second  # a retry of the flow run gets the same run id
+    suffix = first.rsplit("-", 1)[1]
+    assert len(suffix) == 8 and dated == f"2030-01-02-{suffix}"
+    assert new_run_id() != new_run_id()  # outside a flow run: random

@@ -64,3 +64,36 @@ def test_prefect_environment_keeps_user_settings(monkeypatch: pytest.MonkeyPatch
     assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "999"
     assert os.environ["DO_NOT_TRACK"] == "1"
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+
+class _State:
+    def __init__(self, completed: bool) -> None:
+        self.name = "Completed" if completed else "Failed"
+        self.message = None if completed else "1 of 2 categories failed"
+        self._completed = completed
+
+    def is_completed(self) -> bool:
+        return self._completed
+
+
+def test_finish_prints_outcomes_and_where_things_are(home: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from tasks.pipeline import run_record_path
+
+    path = run_record_path("r1")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"status": "failed", "categories": {
+        "weave": {"status": "done", "error": None},
+        "gravel": {"status": "failed", "error": "ImageReadError: gravel/test/x.png"}},
+        "report": {"markdown": "/r/report.md", "html": "/r/report.html"},
+        "registry": {"diffad-synthetic-weave": "version 1 promoted to champion"}}))
+    assert _commands._finish("r1", _State(completed=False)) == 1
+    captured = capsys.readouterr()
+    assert "gravel         failed  ImageReadError: gravel/test/x.png" in captured.out
+    assert "mlflow ui --backend-store-uri sqlite:///" in captured.out
+    assert "/r/report.md" in captured.out and "promoted to champion" in captured.out
+    assert "did not complete" in captured.err
+    assert _commands._finish("r1", _State(completed=True)) == 0
