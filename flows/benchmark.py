@@ -206,21 +206,23 @@ def full_benchmark(
         problems: list[str] = []
         if register:
             fresh = [c for c in todo if outcomes[c]["status"] == "done"]
-            jobs: list[tuple[str, str, str, dict[str, Any]]] = []
+            jobs: list[tuple[str, str, str, dict[str, Any], str | None]] = []
             if unified is not None and fresh:
                 mean = next(r for r in rows if r["category"] == "mean")
-                jobs.append(("unified", parent, unified["checkpoint_dir"], mean))
+                jobs.append(("unified", parent, unified["checkpoint_dir"], mean,
+                             unified["train_key"]))
             elif unified is None:
                 by_cat = {r["category"]: r for r in rows}
-                jobs += [(c, outcomes[c]["mlflow_run_id"], outcomes[c]["checkpoint_dir"], by_cat[c])
-                         for c in fresh]
-            for name, mlflow_run, ckpt, metrics in jobs:
+                jobs += [(c, outcomes[c]["mlflow_run_id"], outcomes[c]["checkpoint_dir"], by_cat[c],
+                          outcomes[c].get("train_key")) for c in fresh]
+            for name, mlflow_run, ckpt, metrics, key in jobs:
                 state = p.register_task(cfg, mlflow_run, ckpt, name, metrics, promote, run_id,
-                                        return_state=True)
+                                        key, return_state=True)
                 model = f"diffad-{cfg.data.dataset}-{name}"
                 if state.is_completed():
                     d = state.result()
-                    verdict = "promoted to champion" if d["promoted"] else "stays challenger"
+                    verdict = ("unchanged" if not d.get("registered", True)
+                               else "promoted to champion" if d["promoted"] else "stays challenger")
                     decisions[model] = f"version {d['version']} {verdict} ({d['reason']})"
                 else:
                     decisions[model] = f"registration failed: {_error_text(state)}"

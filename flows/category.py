@@ -63,7 +63,9 @@ def train_category(
     try:
         train_seconds = None
         if checkpoint_dir is None:
-            train, cached = train_or_restore(cfg, [category], label, manifest_hash, date)
+            # A category's model does not depend on which other categories share the run.
+            train_cfg = p.make_config(preset, overrides, dataset, root, [category])
+            train, cached = train_or_restore(train_cfg, [category], label, manifest_hash, date)
             p.log_training(child, train, cached=cached)
             checkpoint_dir, train_key = train["checkpoint_dir"], train["train_key"]
             train_seconds = train["seconds"]

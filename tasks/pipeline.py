@@ -307,22 +307,33 @@ def aggregate(cfg: DiffadConfig, run_id: str, timings: dict[str, dict[str, Any]]
 
 @task(name="register-model", **_TRANSIENT_ONLY)
 def register_task(cfg: DiffadConfig, mlflow_run_id: str, checkpoint_dir: str, label: str,
-                  metrics: dict[str, Any], promote: bool, run_id: str) -> dict[str, Any]:
+                  metrics: dict[str, Any], promote: bool, run_id: str,
+                  train_key: str | None = None) -> dict[str, Any]:
     """Register the checkpoint as ``diffad-<dataset>-<label>`` (alias challenger) and decide on
-    promotion to champion (cfg.registry.tolerance)."""
+    promotion to champion (cfg.registry.tolerance). A checkpoint that is already registered
+    (same train key: a cached training rescored) is not registered twice."""
     from tasks import registry
 
     name = registry.model_name(cfg.data.dataset, label)
+    if train_key:
+        existing = registry.find_version(name, "train_key", train_key)
+        if existing is not None:
+            tracking.set_tags(mlflow_run_id, {"registered_model": name, "model_version": existing})
+            return {"name": name, "version": existing, "promoted": False, "registered": False,
+                    "reason": f"same checkpoint as version {existing} (train key {train_key}); "
+                              "not registered again", "champion_version": None}
     compared = {k: metrics.get(k) for k in ("pixel_auroc", "pro", "image_auroc")}
-    version = registry.register_checkpoint(
-        mlflow_run_id, Path(checkpoint_dir), name, compared,
-        tags={"diffad_run_id": run_id, "preset": cfg.preset, "mode": cfg.mode,
-              "config_hash": cfg.config_hash()})
+    tags = {"diffad_run_id": run_id, "preset": cfg.preset, "mode": cfg.mode,
+            "config_hash": cfg.config_hash()}
+    if train_key:
+        tags["train_key"] = train_key
+    version = registry.register_checkpoint(mlflow_run_id, Path(checkpoint_dir), name, compared,
+                                           tags=tags)
     decision = registry.promote(name, version, cfg.registry.tolerance, apply=promote)
     tracking.set_tags(mlflow_run_id, {"registered_model": name, "model_version": version,
                                       "promotion_decision": "promoted" if decision.promoted
                                       else "kept_challenger"})
-    return decision.to_dict()
+    return {**decision.to_dict(), "registered": True}
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)

@@ -117,6 +117,17 @@ def register_checkpoint(
     return str(mv.version)
 
 
+def find_version(name: str, tag: str, value: str) -> str | None:
+    """The newest version of ``name`` whose tag ``tag`` equals ``value`` (None if none)."""
+    client = tracking.get_client()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    hits = [int(v.version) for v in versions if v.tags.get(tag) == value]
+    return str(max(hits)) if hits else None
+
+
 def _alias_version(name: str, alias: str) -> Any | None:
     try:
         return tracking.get_client().get_model_version_by_alias(name, alias)

@@ -206,22 +206,24 @@ def test_rerun_failed_redoes_only_that_category(env: dict[str, Path], first_run:
 
 
 def test_training_cache_survives_a_new_run(env: dict[str, Path], first_run: Any) -> None:
-    """A new run with the same inputs restores the trained model from the Prefect cache; the
-    nightly date changes the key and retrains."""
-    from flows.category import train_category
+    """A new run (here with a different category list) restores the trained model from the
+    Prefect cache and does not register it again; the nightly date changes the key."""
+    from flows.benchmark import full_benchmark
     from tasks import caching, tracking
 
-    cfg = _cfg()
     first = json.loads((_run_dir(env) / "status" / "weave.json").read_text())
-    root = str(env["home"].resolve() / "data" / "synthetic")
-    summary = train_category(category="weave", run_id="e2e-cache", preset="smoke",
-                             overrides=OVERRIDES, categories=CATEGORIES, dataset="synthetic",
-                             root=root)
-    assert summary["checkpoint_dir"] == first["checkpoint_dir"]
-    child = tracking.get_client().get_run(summary["mlflow_run_id"])
+    state = full_benchmark(preset="smoke", categories=["weave"], overrides=OVERRIDES,
+                           run_id="e2e-cache", return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    weave = out["outcomes"]["weave"]
+    assert weave["checkpoint_dir"] == first["checkpoint_dir"]
+    child = tracking.get_client().get_run(weave["mlflow_run_id"])
     assert child.data.tags["train_cached"] == "true"
-    dated = caching.train_key(cfg, ["weave"], first["manifest_hash"], "2030-01-01")
-    assert dated != summary["train_key"]
+    assert out["registry"]["diffad-synthetic-weave"].startswith("version 1 unchanged")
+    assert len(tracking.get_client().search_model_versions("name = 'diffad-synthetic-weave'")) == 1
+    dated = caching.train_key(_cfg(), ["weave"], first["manifest_hash"], "2030-01-01")
+    assert dated != weave["train_key"]
     assert os.path.isdir(first["checkpoint_dir"])
     shutil.rmtree(env["home"] / "results" / "e2e-cache", ignore_errors=True)
 

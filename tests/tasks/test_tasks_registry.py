@@ -50,6 +50,10 @@ def test_promotion_both_ways_and_compare(home: Path, tmp_path: Path) -> None:
     assert "pro" in v3.tags["promotion_reason"]
     assert client.get_model_version(name, "2").tags["promotion_decision"] == "promoted"
 
+    assert registry.find_version(name, "metric.pro", "0.700000") == "2"
+    assert registry.find_version(name, "metric.pro", "0.123") is None
+    assert registry.find_version("diffad-synthetic-none", "x", "y") is None
+
     rows = registry.compare("synthetic")
     assert rows == [{
         "model": name, "champion_version": "2", "champion_pixel_auroc": 0.85, "champion_pro": 0.7,
