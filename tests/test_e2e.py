@@ -224,8 +224,14 @@ def test_training_cache_survives_a_new_run(env: dict[str, Path], first_run: Any)
     assert len(tracking.get_client().search_model_versions("name = 'diffad-synthetic-weave'")) == 1
     dated = caching.train_key(_cfg(), ["weave"], first["manifest_hash"], "2030-01-01")
     assert dated != weave["train_key"]
-    assert os.path.isdir(first["checkpoint_dir"])
-    shutil.rmtree(env["home"] / "results" / "e2e-cache", ignore_errors=True)
+    # A restored result whose checkpoint was deleted since trains again.
+    shutil.rmtree(first["checkpoint_dir"])
+    state = full_benchmark(preset="smoke", categories=["weave"], overrides=OVERRIDES,
+                           run_id="e2e-cache-2", return_state=True)
+    assert state.is_completed(), state.message
+    again = state.result()["outcomes"]["weave"]
+    assert tracking.get_client().get_run(again["mlflow_run_id"]).data.tags["train_cached"] == "false"
+    assert os.path.isfile(os.path.join(first["checkpoint_dir"], "model.safetensors"))
 
 
 def test_unified_mode_trains_once_and_registers_unified(env: dict[str, Path], first_run: Any,
