@@ -30,6 +30,16 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into a normal exit so Prefect's exit handlers stop the temporary server
+    (otherwise it outlives a killed ``diffad benchmark``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _resolve_models_uri(uri: str) -> Path:
     from tasks.registry import resolve_models_uri
 
@@ -57,6 +67,7 @@ def _store_hint() -> list[str]:
 # ----------------------------------------------------------------------------- benchmark
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     prefect_environment()
+    _exit_on_sigterm()
     from flows.benchmark import full_benchmark
     from tasks import pipeline as p
 
@@ -138,6 +149,7 @@ def _finish(run_id: str, state: Any) -> int:
 # ----------------------------------------------------------------------------- rerun
 def _cmd_rerun(args: argparse.Namespace) -> int:
     prefect_environment()
+    _exit_on_sigterm()
     from flows.benchmark import rerun_categories
     from tasks import pipeline as p
 
