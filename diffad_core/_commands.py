@@ -330,7 +330,9 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("predict", help="anomaly heat-map overlays for image files")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a registered scheme)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="checkpoint folder, or a registered URI such as "
+                        "models:/diffad-<dataset>-<category>@champion")
     p.add_argument("--category", default=None, help="category (default: the checkpoint's only one)")
     p.add_argument("--out", default=None, help="folder for the overlay PNGs (default ./predictions)")
     p.add_argument("--alpha", type=float, default=None, help="override score.alpha")

@@ -155,6 +155,21 @@ def test_mlflow_runs_and_registry(env: dict[str, Path], first_run: Any) -> None:
     assert not (env["cwd"] / "mlruns").exists()
 
 
+def test_predict_from_the_registry(env: dict[str, Path], first_run: Any,
+                                   capsys: pytest.CaptureFixture) -> None:
+    """`diffad predict --model models:/...@champion` downloads the registered weights and scores."""
+    import flows._commands  # noqa: F401  registers the models:/ scheme, as the CLI does
+    from diffad_core.cli import main
+
+    image = sorted((env["home"] / "data" / "synthetic" / "weave" / "test").glob("*/000.png"))[0]
+    out = env["cwd"] / "pred"
+    code = main(["predict", "--model", "models:/diffad-synthetic-weave@champion", str(image),
+                 "--out", str(out)])
+    assert code == 0
+    assert image.name in capsys.readouterr().out
+    assert list(out.glob("*.png"))
+
+
 def test_prefect_artifacts(env: dict[str, Path], first_run: Any) -> None:
     from prefect.artifacts import Artifact
 
