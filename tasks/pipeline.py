@@ -123,6 +123,16 @@ def _float(value: Any) -> float | None:
 
 
 # ----------------------------------------------------------------------------- per category
+def _load_for_evaluation(cfg: DiffadConfig, checkpoint_dir: str) -> Any:
+    """The checkpoint's model with this run's scoring/reconstruction settings (a cached model
+    trained under other evaluation settings is reused, not retrained)."""
+    from diffad_core.train import load_model
+
+    model = load_model(Path(checkpoint_dir))
+    model.cfg = model.cfg.with_evaluation_settings(cfg)
+    return model
+
+
 @task(name="reconstruct", task_run_name="reconstruct-{category}", **_TRANSIENT_ONLY)
 def reconstruct_task(cfg: DiffadConfig, checkpoint_dir: str, category: str) -> dict[str, Any]:
     """Gradient-denoising reconstruction (Algorithm 1) of the test images, anomalous first,
@@ -133,12 +143,11 @@ def reconstruct_task(cfg: DiffadConfig, checkpoint_dir: str, category: str) -> d
     from diffad_core.data import prepare_split
     from diffad_core.overlay import to_uint8_image
     from diffad_core.reconstruct import gradient_denoise
-    from diffad_core.train import load_model
 
     if not cfg.reconstruct.enabled:
         return {"images": {}, "ms_per_image": None}
     _threads(cfg)
-    model = load_model(Path(checkpoint_dir))
+    model = _load_for_evaluation(cfg, checkpoint_dir)
     prepared = prepare_split(cfg, category, "test")
     order = sorted(range(len(prepared.labels)), key=lambda i: (-int(prepared.labels[i]), i))
     limit = cfg.reconstruct.max_images_per_category
@@ -169,10 +178,9 @@ def score_task(cfg: DiffadConfig, checkpoint_dir: str, category: str, run_id: st
     from diffad_core import results
     from diffad_core.data import prepare_split
     from diffad_core.score import choose_alpha, score_split
-    from diffad_core.train import load_model
 
     _threads(cfg)
-    model = load_model(Path(checkpoint_dir))
+    model = _load_for_evaluation(cfg, checkpoint_dir)
     alpha, alpha_source, alpha_choice = cfg.score.alpha, "config", None
     if cfg.score.alpha_per_category:
         choice = choose_alpha(model, cfg, category)

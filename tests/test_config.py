@@ -56,3 +56,22 @@ def test_config_hash_changes_with_content():
     b = load_config("smoke", overrides=["seed=1"])
     assert a.config_hash() != b.config_hash()
     assert a.config_hash() == load_config("smoke").config_hash()
+
+
+def test_model_hash_ignores_evaluation_settings():
+    base = load_config("smoke")
+    for same in (["score.alpha=0.3"], ["reconstruct.rounds=9"], ["runtime.device=cpu"],
+                 ["registry.tolerance=0.1"], ["metrics.pro_fpr_limit=0.2"]):
+        assert load_config("smoke", overrides=same).model_hash() == base.model_hash(), same
+    for other in (["train.iterations=5"], ["seed=3"], ["unet.base_channels=32"],
+                  ["score.alpha_per_category=true"], ["data.image_size=64"]):
+        assert load_config("smoke", overrides=other).model_hash() != base.model_hash(), other
+
+
+def test_with_evaluation_settings_keeps_the_model_part():
+    trained = load_config("smoke", overrides=["score.alpha_per_category=true", "train.iterations=5"])
+    run = load_config("smoke", overrides=["score.alpha=0.2", "reconstruct.rounds=7"])
+    merged = trained.with_evaluation_settings(run)
+    assert merged.score.alpha == 0.2 and merged.reconstruct.rounds == 7
+    assert merged.train.iterations == 5 and merged.score.alpha_per_category is True
+    assert merged.model_hash() == trained.model_hash()

@@ -221,18 +221,23 @@ def test_rerun_failed_redoes_only_that_category(env: dict[str, Path], first_run:
 
 
 def test_training_cache_survives_a_new_run(env: dict[str, Path], first_run: Any) -> None:
-    """A new run (here with a different category list) restores the trained model from the
-    Prefect cache and does not register it again; the nightly date changes the key."""
+    """A new run (here with a different category list and other scoring settings) restores
+    the trained model from the Prefect cache, scores with its own settings and does not
+    register it again; the nightly date changes the key."""
+    from diffad_core import results
     from flows.benchmark import full_benchmark
     from tasks import caching, tracking
 
     first = json.loads((_run_dir(env) / "status" / "weave.json").read_text())
-    state = full_benchmark(preset="smoke", categories=["weave"], overrides=OVERRIDES,
+    state = full_benchmark(preset="smoke", categories=["weave"],
+                           overrides=OVERRIDES + ["score.alpha=0.3"],
                            run_id="e2e-cache", return_state=True)
     assert state.is_completed(), state.message
     out = state.result()
     weave = out["outcomes"]["weave"]
     assert weave["checkpoint_dir"] == first["checkpoint_dir"]
+    metrics = results.read_metrics(env["home"] / "results" / "e2e-cache").set_index("category")
+    assert metrics.loc["weave", "alpha"] == pytest.approx(0.3)
     child = tracking.get_client().get_run(weave["mlflow_run_id"])
     assert child.data.tags["train_cached"] == "true"
     assert out["registry"]["diffad-synthetic-weave"].startswith("version 1 unchanged")

@@ -22,11 +22,12 @@ def test_train_key_depends_on_what_changes_the_model() -> None:
     assert base != caching.train_key(cfg, ["weave"], "m1", "2026-01-01")
     assert base != caching.train_key(load_config("smoke", overrides=["train.iterations=5"]),
                                      ["weave"], "m1", None)
-    assert base != caching.train_key(load_config("smoke", overrides=["score.alpha=0.3"]),
-                                     ["weave"], "m1", None)  # the checkpoint's config.json differs
-    # Where and how it runs does not retrain.
+    assert base != caching.train_key(load_config("smoke", overrides=["score.alpha_per_category=true"]),
+                                     ["weave"], "m1", None)  # it holds out training images
+    # Where and how it runs, and how it is scored or reconstructed, does not retrain.
     same = load_config("smoke", overrides=["runtime.num_threads=1", "runtime.device=cpu",
-                                           "runtime.executor=deployments"])
+                                           "runtime.executor=deployments", "score.alpha=0.3",
+                                           "reconstruct.rounds=9"])
     assert base == caching.train_key(same, ["weave"], "m1", None)
 
 
