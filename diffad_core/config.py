@@ -219,6 +219,7 @@ class RuntimeConfig(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:<i>
     num_threads: int | None = None
     executor: Literal["local", "deployments"] = "local"
+    local_workers: int = Field(1, ge=1)  # categories run at once by the local executor (threads)
     deployment_name: str = "train-category/train-category"
 
 

@@ -10,7 +10,9 @@ flow fails if any category failed.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -33,18 +35,23 @@ def _error_text(state: Any) -> str:
     return state.message or state.name
 
 
-def _fan_out_local(todo: list[str], common: dict[str, Any],
-                   hashes: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Each category as an in-process subflow; a failure is recorded, never raised."""
-    outcomes: dict[str, dict[str, Any]] = {}
-    for cat in todo:
+def _fan_out_local(todo: list[str], common: dict[str, Any], hashes: dict[str, str],
+                   workers: int = 1) -> dict[str, dict[str, Any]]:
+    """Each category as an in-process subflow, ``workers`` at a time (threads, each carrying
+    the parent flow's context); a failure is recorded, never raised."""
+
+    def _one(cat: str) -> dict[str, Any]:
         state = train_category(category=cat, **{**common, "manifest_hash": hashes[cat]},
                                return_state=True)
         if state.is_completed():
-            outcomes[cat] = state.result()
-        else:
-            outcomes[cat] = {"category": cat, "status": "failed", "error": _error_text(state)}
-    return outcomes
+            return state.result()
+        return {"category": cat, "status": "failed", "error": _error_text(state)}
+
+    if workers <= 1 or len(todo) <= 1:
+        return {cat: _one(cat) for cat in todo}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="category") as pool:
+        futures = {cat: pool.submit(contextvars.copy_context().run, _one, cat) for cat in todo}
+        return {cat: fut.result() for cat, fut in futures.items()}
 
 
 def _fan_out_deployments(todo: list[str], common: dict[str, Any], hashes: dict[str, str],
@@ -187,7 +194,7 @@ def full_benchmark(
         if executor == "deployments":
             outcomes.update(_fan_out_deployments(todo, common, hashes, cfg.runtime.deployment_name))
         else:
-            outcomes.update(_fan_out_local(todo, common, hashes))
+            outcomes.update(_fan_out_local(todo, common, hashes, cfg.runtime.local_workers))
 
         # Aggregate over every category of the run, from the parquet files only.
         record = p.read_run_record(run_id) or {}

@@ -1,8 +1,8 @@
 """End to end: the full-benchmark flow on the smoke preset in Prefect's test harness.
 
-One run over two synthetic categories where one test image of ``gravel`` is corrupt: ``weave``
-completes (parquet, metrics, report, MLflow parent/child runs, registered model with aliases),
-``gravel`` fails without stopping it and the flow reports the failure. After the image is fixed,
+One run over two synthetic categories (two at a time, in threads) where one test image of
+``gravel`` is corrupt: ``weave`` completes (parquet, metrics, report, MLflow parent/child runs,
+registered model with aliases), ``gravel`` fails without stopping it and the flow reports the failure. After the image is fixed,
 ``rerun-categories --failed`` redoes only ``gravel``; a retry of the run then redoes nothing.
 """
 
@@ -25,7 +25,7 @@ CATEGORIES = ["weave", "gravel"]
 OVERRIDES = [
     "data.synth.n_train=4", "data.synth.n_test_good=1", "data.synth.n_test_per_defect=1",
     "train.iterations=2", "reconstruct.max_images_per_category=1", "reconstruct.rounds=1",
-    "runtime.num_threads=1",
+    "runtime.num_threads=1", "runtime.local_workers=2",
 ]
 
 
