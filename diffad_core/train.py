@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffad_core._atomic import atomic_write
 from diffad_core.config import DiffadConfig, config_from_dict
 from diffad_core.diffusion import Schedule, diffusion_schedules, training_losses
 
@@ -204,30 +204,15 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, then ``os.replace`` onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write_bytes(path, lambda p: save_file(flat, str(p), metadata=metadata))
+    atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
 
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -545,7 +530,7 @@ def train_model(
             "losses": losses,
             "seconds": elapsed + (time.perf_counter() - t_start), "init_report": init_report,
         }
-        _atomic_write_bytes(state_path, lambda p: torch.save(payload, p))
+        atomic_write(state_path, lambda p: torch.save(payload, p))
 
     def unet_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_context(device, cfg.train.amp):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+from diffad_core._atomic import atomic_write_text
 from diffad_core.config import diffad_home
 from diffad_core.data.layouts import list_samples
 
@@ -30,18 +29,6 @@ def sha256_file(path: str | Path) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _HashCache:
@@ -74,7 +61,7 @@ class _HashCache:
         if not self.dirty:
             return
         try:
-            _atomic_write_text(self.file, json.dumps(self.entries, sort_keys=True))
+            atomic_write_text(self.file, json.dumps(self.entries, sort_keys=True))
         except OSError:
             pass  # the cache is an optimisation only; a read-only home just hashes again
         self.dirty = False

@@ -9,8 +9,6 @@ run decodes nothing. ``TrainImages`` adds the random rotation of METHOD.md §1 (
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 
+from diffad_core._atomic import atomic_write
 from diffad_core.config import DiffadConfig, diffad_home
 from diffad_core.data.io import load_image, load_mask
 from diffad_core.data.layouts import DatasetLayoutError, list_categories, list_samples
@@ -63,15 +62,12 @@ def _decode(samples: list, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def _save(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, _save)
 
 
 def prepare_split(cfg: DiffadConfig, category: str, split: str) -> PreparedSplit:

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from diffad_core._atomic import atomic_write_text
 from diffad_core.config import SynthConfig
 
 GENERATOR_VERSION = 1
@@ -625,14 +626,7 @@ def _write_category(tmp_dir: Path, category: str, cfg: SynthConfig,
 def _write_text_atomic(path: Path, text: str) -> None:
     if path.exists() and path.read_text() == text:
         return
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def _validate(cfg: SynthConfig) -> None:

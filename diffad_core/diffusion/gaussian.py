@@ -13,7 +13,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from diffad_core.diffusion.schedule import Schedule
 
