@@ -195,15 +195,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from diffad_core.data import prepare_split, resolve_dataset
     from diffad_core.overlay import save_png, side_by_side, to_uint8_image
-    from diffad_core.reconstruct import gradient_denoise
+    from diffad_core.reconstruct import gradient_denoise, reconstruction_order
 
     model = _load(args.checkpoint)
     category = _pick_category(model, args.category)
     cfg = model.cfg
     resolve_dataset(cfg, progress=not args.quiet)
     prepared = prepare_split(cfg, category, "test")
-    # Anomalous images first: they are what the reconstruction is for.
-    order = sorted(range(len(prepared.labels)), key=lambda i: (-int(prepared.labels[i]), i))
+    order = reconstruction_order(prepared.labels, prepared.defect_types)
     limit = args.limit if args.limit is not None else cfg.reconstruct.max_images_per_category
     if limit is not None:
         order = order[: max(0, int(limit))]

@@ -9,6 +9,7 @@ the UNet runs under no_grad, PaDiM with gradients w.r.t. the image only (weights
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,3 +95,15 @@ def gradient_denoise(
                              sample=bool(cfg.sample), generator=generator)
     # Algorithm 1, line 9: return the reconstruction, clamped to the image range.
     return x.clamp(-1.0, 1.0).float().cpu()
+
+
+def reconstruction_order(labels: Sequence[int], defect_types: Sequence[str]) -> list[int]:
+    """Test-image indices in the order to reconstruct them: anomalous images first (they are
+    what Algorithm 1 is for), one defect type after another (the first of each type, then the
+    second, ...), then the normal ones; so a limited budget covers every defect type."""
+    seen: dict[str, int] = {}
+    rank = []
+    for kind in defect_types:
+        rank.append(seen.get(kind, 0))
+        seen[kind] = rank[-1] + 1
+    return sorted(range(len(rank)), key=lambda i: (-int(labels[i]), rank[i], i))

@@ -182,24 +182,44 @@ def _panel(img: np.ndarray | None, size: int, caption: str) -> Image.Image:
     return out
 
 
+def _interleave_by_type(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """First image of each defect type, then the second of each, ... (order of appearance)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["defect_type"], []).append(row)
+    out: list[dict[str, Any]] = []
+    depth = max((len(g) for g in groups.values()), default=0)
+    for i in range(depth):
+        out += [g[i] for g in groups.values() if i < len(g)]
+    return out
+
+
 def _category_figure(run_dir: Path, category: str, n_images: int, data_root: Path | None,
                      out_path: Path) -> Path | None:
-    """Rows of (input, ground truth, anomaly-map overlay, reconstruction) for a few images,
-    anomalous ones first; the map colour scale is shared by the whole category."""
-    lo, hi = math.inf, -math.inf
-    chosen: list[dict[str, Any]] = []
-    normals: list[dict[str, Any]] = []
-    for row in R.iter_maps(run_dir, [category], maps=("anomaly_map", "mask", "reconstruction",
-                                                       "input_png")):
-        amap = row["anomaly_map"]
-        lo, hi = min(lo, float(amap.min())), max(hi, float(amap.max()))
-        if row["label"] == 1 and len(chosen) < n_images:
-            chosen.append(row)
-        elif row["label"] == 0 and len(normals) < n_images:
-            normals.append(row)
-    chosen = (chosen + normals)[:n_images]
-    if not chosen:
+    """Rows of (input, ground truth, anomaly-map overlay, reconstruction) for a few images:
+    anomalous ones first, reconstructed ones first, one defect type after another. The map
+    colour scale is shared by the whole category (0.5th to 99.5th percentile of its pixels)."""
+    index: list[dict[str, Any]] = []
+    samples: list[np.ndarray] = []
+    rng = np.random.default_rng(0)
+    for i, row in enumerate(R.iter_maps(run_dir, [category], maps=("anomaly_map", "reconstruction"))):
+        flat = row["anomaly_map"].ravel()
+        samples.append(rng.choice(flat, size=min(flat.size, 4096), replace=False))
+        index.append({"i": i, "label": row["label"], "defect_type": row["defect_type"],
+                      "recon": row["reconstruction"] is not None})
+    if not index:
         return None
+    lo, hi = (float(v) for v in np.percentile(np.concatenate(samples), [0.5, 99.5]))
+    anomalous = [r for r in index if r["label"] == 1]
+    ordered = (_interleave_by_type([r for r in anomalous if r["recon"]])
+               + _interleave_by_type([r for r in anomalous if not r["recon"]])
+               + [r for r in index if r["label"] == 0])
+    wanted = {r["i"]: k for k, r in enumerate(ordered[:n_images])}
+    chosen: list[dict[str, Any]] = [{}] * len(wanted)
+    for i, row in enumerate(R.iter_maps(run_dir, [category], maps=("anomaly_map", "mask",
+                                                                   "reconstruction", "input_png"))):
+        if i in wanted:
+            chosen[wanted[i]] = row
     has_recon = any(r["reconstruction"] is not None for r in chosen)
     rows_img = []
     for row in chosen:
@@ -207,7 +227,7 @@ def _category_figure(run_dir: Path, category: str, n_images: int, data_root: Pat
         shape = amap.shape
         size = max(max(shape), _MIN_PANEL)
         inp = _load_input(row, data_root, shape)
-        norm = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
+        norm = np.clip((amap - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(amap)
         heat = _jet(norm).astype(np.float32)
         base = inp.astype(np.float32) if inp is not None else np.full(heat.shape, 128.0, np.float32)
         over = np.clip(0.5 * base + 0.5 * heat + 0.5, 0, 255).astype(np.uint8)

@@ -142,14 +142,14 @@ def reconstruct_task(cfg: DiffadConfig, checkpoint_dir: str, category: str) -> d
 
     from diffad_core.data import prepare_split
     from diffad_core.overlay import to_uint8_image
-    from diffad_core.reconstruct import gradient_denoise
+    from diffad_core.reconstruct import gradient_denoise, reconstruction_order
 
     if not cfg.reconstruct.enabled:
         return {"images": {}, "ms_per_image": None}
     _threads(cfg)
     model = _load_for_evaluation(cfg, checkpoint_dir)
     prepared = prepare_split(cfg, category, "test")
-    order = sorted(range(len(prepared.labels)), key=lambda i: (-int(prepared.labels[i]), i))
+    order = reconstruction_order(prepared.labels, prepared.defect_types)
     limit = cfg.reconstruct.max_images_per_category
     if limit is not None:
         order = order[: max(0, int(limit))]

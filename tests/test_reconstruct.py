@@ -97,3 +97,13 @@ def test_gradient_denoise_rejects_bad_settings(model: types.SimpleNamespace) -> 
         gradient_denoise(model, x, model.cfg.reconstruct.model_copy(update={"denoise_t": 250}))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         gradient_denoise(model, x[:, :1], model.cfg.reconstruct)
+
+
+def test_reconstruction_order_covers_every_defect_type_first():
+    from diffad_core.reconstruct import reconstruction_order
+
+    kinds = ["bend", "bend", "bend", "good", "hole", "hole", "stain"]
+    labels = [1, 1, 1, 0, 1, 1, 1]
+    order = reconstruction_order(labels, kinds)
+    assert [kinds[i] for i in order[:3]] == ["bend", "hole", "stain"]
+    assert order[:5] == [0, 4, 6, 1, 5] and order[-1] == 3
