@@ -25,10 +25,14 @@ def test_b4_has_272_channels():
 
 
 def test_lite0_package_target_channels_and_shape():
-    target = FeatureTarget(load_config("cpu-demo").features)  # pretrained Lite0 from the package
-    assert target.channels == 192
+    features = load_config("cpu-demo", overrides=["features.out_indices=[0,1,2,3]"]).features
+    target = FeatureTarget(features)  # pretrained Lite0 from the package, strides 2-16
+    assert target.channels == 16 + 24 + 40 + 112
     out = target(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert out.shape == (2, 192, 16, 16) and torch.isfinite(out).all()
+    demo = FeatureTarget(load_config("cpu-demo").features)  # the preset: strides 4 and 8
+    assert demo.channels == 24 + 40
+    assert demo(torch.rand(1, 3, 64, 64) * 2 - 1).shape == (1, 64, 16, 16)
 
 
 def test_normalised_input_and_resizing():
