@@ -190,36 +190,26 @@ def _cmd_score(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- reconstruct
 @_errors_to_exit
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from diffad_core.data import prepare_split, resolve_dataset
     from diffad_core.overlay import save_png, side_by_side, to_uint8_image
-    from diffad_core.reconstruct import gradient_denoise, reconstruction_order
+    from diffad_core.reconstruct import reconstruct_split
 
     model = _load(args.checkpoint)
     category = _pick_category(model, args.category)
     cfg = model.cfg
     resolve_dataset(cfg, progress=not args.quiet)
     prepared = prepare_split(cfg, category, "test")
-    order = reconstruction_order(prepared.labels, prepared.defect_types)
     limit = args.limit if args.limit is not None else cfg.reconstruct.max_images_per_category
-    if limit is not None:
-        order = order[: max(0, int(limit))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    bs = int(cfg.reconstruct.batch_size)
     start = time.perf_counter()
-    for lo in range(0, len(order), bs):
-        idx = order[lo:lo + bs]
-        images = torch.from_numpy(np.ascontiguousarray(prepared.images[idx]))
-        recon = gradient_denoise(model, images, cfg.reconstruct, generator, category=category)
-        for j, i in enumerate(idx):
-            panel = side_by_side([to_uint8_image(prepared.images[i]), to_uint8_image(recon[j].numpy())])
-            name = prepared.rel_paths[i].replace("/", "__").rsplit(".", 1)[0] + ".png"
-            print(save_png(panel, out / name))
-    print(f"reconstructed {len(order)} images in {time.perf_counter() - start:.1f} s into {out}")
+    done = 0
+    for i, recon in reconstruct_split(model, prepared, limit=limit):
+        panel = side_by_side([to_uint8_image(prepared.images[i]), to_uint8_image(recon.numpy())])
+        name = prepared.rel_paths[i].replace("/", "__").rsplit(".", 1)[0] + ".png"
+        print(save_png(panel, out / name))
+        done += 1
+    print(f"reconstructed {done} images in {time.perf_counter() - start:.1f} s into {out}")
     return 0
 
 

@@ -9,13 +9,15 @@ the UNet runs under no_grad, PaDiM with gradients w.r.t. the image only (weights
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from diffad_core.config import ReconstructConfig
+    from diffad_core.data import PreparedSplit
     from diffad_core.train import DiffadModel
 
 
@@ -107,3 +109,23 @@ def reconstruction_order(labels: Sequence[int], defect_types: Sequence[str]) -> 
         rank.append(seen.get(kind, 0))
         seen[kind] = rank[-1] + 1
     return sorted(range(len(rank)), key=lambda i: (-int(labels[i]), rank[i], i))
+
+
+def reconstruct_split(
+    model: DiffadModel, prepared: PreparedSplit, *, limit: int | None = None,
+    seed: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Algorithm 1 over a prepared split, in :func:`reconstruction_order`, at most ``limit``
+    images, ``cfg.reconstruct.batch_size`` at a time; yields (index into the split,
+    reconstruction (3, H, W) in [-1, 1] on the CPU)."""
+    cfg = model.cfg
+    order = reconstruction_order(prepared.labels, prepared.defect_types)
+    if limit is not None:
+        order = order[: max(0, int(limit))]
+    generator = torch.Generator().manual_seed(int(cfg.seed if seed is None else seed))
+    bs = max(1, int(cfg.reconstruct.batch_size))
+    for lo in range(0, len(order), bs):
+        idx = order[lo : lo + bs]
+        batch = torch.from_numpy(np.ascontiguousarray(prepared.images[idx]))
+        recon = gradient_denoise(model, batch, cfg.reconstruct, generator, category=prepared.category)
+        yield from zip(idx, recon.cpu())

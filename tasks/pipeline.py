@@ -138,36 +138,25 @@ def reconstruct_task(cfg: DiffadConfig, checkpoint_dir: str, category: str) -> d
     """Gradient-denoising reconstruction (Algorithm 1) of the test images, anomalous first,
     at most ``cfg.reconstruct.max_images_per_category`` (all when None)."""
     import numpy as np
-    import torch
 
     from diffad_core.data import prepare_split
     from diffad_core.overlay import to_uint8_image
-    from diffad_core.reconstruct import gradient_denoise, reconstruction_order
+    from diffad_core.reconstruct import reconstruct_split
 
     if not cfg.reconstruct.enabled:
         return {"images": {}, "ms_per_image": None}
     _threads(cfg)
     model = _load_for_evaluation(cfg, checkpoint_dir)
     prepared = prepare_split(cfg, category, "test")
-    order = reconstruction_order(prepared.labels, prepared.defect_types)
-    limit = cfg.reconstruct.max_images_per_category
-    if limit is not None:
-        order = order[: max(0, int(limit))]
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    bs = max(1, int(cfg.reconstruct.batch_size))
     images: dict[str, dict[str, np.ndarray]] = {}
     start = time.perf_counter()
-    for lo in range(0, len(order), bs):
-        idx = order[lo : lo + bs]
-        batch = torch.from_numpy(np.ascontiguousarray(prepared.images[idx]))
-        recon = gradient_denoise(model, batch, cfg.reconstruct, generator, category=category)
-        for j, i in enumerate(idx):
-            images[prepared.rel_paths[i]] = {
-                "reconstruction": to_uint8_image(recon[j].numpy()),
-                "input_image": to_uint8_image(prepared.images[i]),
-            }
+    for i, recon in reconstruct_split(model, prepared, limit=cfg.reconstruct.max_images_per_category):
+        images[prepared.rel_paths[i]] = {
+            "reconstruction": to_uint8_image(recon.numpy()),
+            "input_image": to_uint8_image(prepared.images[i]),
+        }
     seconds = time.perf_counter() - start
-    return {"images": images, "ms_per_image": 1000.0 * seconds / len(order) if order else None}
+    return {"images": images, "ms_per_image": 1000.0 * seconds / len(images) if images else None}
 
 
 @task(name="score-and-write", task_run_name="score-{category}", **_TRANSIENT_ONLY)

@@ -107,3 +107,28 @@ def test_reconstruction_order_covers_every_defect_type_first():
     order = reconstruction_order(labels, kinds)
     assert [kinds[i] for i in order[:3]] == ["bend", "hole", "stain"]
     assert order[:5] == [0, 4, 6, 1, 5] and order[-1] == 3
+
+
+def test_reconstruct_split_follows_the_order_and_limit(monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import diffad_core.reconstruct as rec
+
+    calls = []
+
+    def fake_denoise(model, batch, cfg, generator, category=None):
+        calls.append((batch.shape[0], category))
+        return batch * 0.5
+
+    monkeypatch.setattr(rec, "gradient_denoise", fake_denoise)
+    cfg = load_config("smoke", overrides=["reconstruct.batch_size=2"])
+    images = np.arange(5 * 3 * 2 * 2, dtype=np.float32).reshape(5, 3, 2, 2)
+    prepared = SimpleNamespace(images=images, labels=np.array([0, 1, 1, 0, 1]),
+                               defect_types=["good", "hole", "hole", "good", "stain"],
+                               category="weave")
+    out = list(rec.reconstruct_split(SimpleNamespace(cfg=cfg), prepared, limit=3))
+    assert [i for i, _ in out] == [1, 4, 2]
+    assert calls == [(2, "weave"), (1, "weave")]
+    assert torch.equal(out[0][1], torch.from_numpy(images[1]) * 0.5)
