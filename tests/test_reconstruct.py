@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,12 +14,7 @@ from diffad_core.reconstruct import gradient_denoise
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _normal_images(n: int, seed: int) -> torch.Tensor:

@@ -25,12 +25,7 @@ from diffad_core.score import (
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smoke_model(seed: int = 0, **score_overrides: object) -> types.SimpleNamespace:

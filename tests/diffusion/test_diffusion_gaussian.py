@@ -17,6 +17,8 @@ from diffad_core.diffusion import (
     vb_terms_bits,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def sched():

@@ -5,6 +5,8 @@ import torch
 
 from diffad_core.diffusion import linear_schedule, respace, schedule_from_betas, space_timesteps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_linear_betas_endpoints_and_dtype():
     s = linear_schedule(1000, 1e-4, 0.02)
