@@ -385,6 +385,20 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, with a clear error naming the file otherwise."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(
     preset: str = "paper",
     yaml_file: str | Path | None = None,
@@ -397,17 +411,8 @@ def load_config(
     data: dict[str, Any] = _deep_merge({"preset": preset}, PRESETS[preset])
     sources = [f"preset {preset}"]
     if yaml_file is not None:
-        path = Path(yaml_file)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} does not exist") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = _deep_merge(data, loaded)
-        sources.append(str(path))
+        data = _deep_merge(data, read_config_file(yaml_file))
+        sources.append(str(yaml_file))
     if extra:
         data = _deep_merge(data, extra)
     for item in overrides or []:

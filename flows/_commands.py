@@ -87,18 +87,9 @@ def _file_overrides(path: str | None) -> list[str]:
     stay plain JSON and a worker elsewhere needs no copy of the file."""
     if not path:
         return []
-    import yaml
+    from diffad_core.config import read_config_file
 
-    from diffad_core.config import ConfigError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = read_config_file(path)
 
     def flat(d: dict[str, Any], prefix: str) -> list[str]:
         out = []
