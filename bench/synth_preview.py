@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from diffad_core.config import SYNTH_CATEGORIES
-from diffad_core.data.synth import CATEGORY_DEFECTS, _render_sample
+from diffad_core.data.synth import CATEGORY_DEFECTS
+from diffad_core.data.synth.writer import _render_sample
 
 _PAD = 4
 _LABEL_H = 14

@@ -50,9 +50,9 @@ def _one(name: str, category: str) -> tuple[str, str, float, float]:
     logs = HOME / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t_train = _run(["train", "--preset", "cpu-demo", "--category", category, "--out", str(ck),
-                    "--threads", "1", "--quiet", *sets], logs / f"{name}.{category}.train.log")
+                    "--threads", "1", "--no-progress", *sets], logs / f"{name}.{category}.train.log")
     t_score = _run(["score", "--checkpoint", str(ck), "--run-dir", str(HOME / "runs" / name),
-                    "--quiet"], logs / f"{name}.{category}.score.log")
+                    "--no-progress"], logs / f"{name}.{category}.score.log")
     return name, category, t_train, t_score
 
 

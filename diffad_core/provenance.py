@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata as _md
+import os
 import platform
 import socket
 import subprocess
@@ -61,8 +62,6 @@ def library_versions() -> dict[str, str]:
 
 def device_info() -> dict[str, Any]:
     """CPU/GPU description: platform, CPU count, and the CUDA devices torch sees (if any)."""
-    import os
-
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                             "cuda_available": False}
     try:

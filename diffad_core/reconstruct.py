@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from diffad_core.config import ReconstructConfig
-    from diffad_core.data import PreparedSplit
-    from diffad_core.train import DiffadModel
+from diffad_core.config import ReconstructConfig
+from diffad_core.data import PreparedSplit
+from diffad_core.diffusion import model_timesteps, reverse_step
+from diffad_core.model import DiffadModel
+from diffad_core.runtime import autocast_context
 
 
 def _padim_gradient(model: DiffadModel, x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +48,6 @@ def gradient_denoise(
     picks the class label for a class-conditional UNet (default: the model's only category).
     Returns a (B, 3, H, W) float32 tensor on CPU, clamped to [-1, 1].
     """
-    from diffad_core.diffusion import reverse_step
-
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
     if not 0.0 < cfg.step_size < 1.0:
@@ -64,19 +62,12 @@ def gradient_denoise(
     omega = math.sqrt(1.0 - s * s)
     b = images.shape[0]
     t_idx = torch.full((b,), int(cfg.denoise_t), dtype=torch.long, device=device)
-    t_model = torch.as_tensor(model.schedule.timestep_map, dtype=torch.long).to(device)[t_idx]
-    y = None
-    if model.cfg.unet.class_cond:
-        if category is None:
-            if len(model.class_index) != 1:
-                raise ValueError("gradient_denoise needs a category for a multi-class model")
-            category = next(iter(model.class_index))
-        if category not in model.class_index:
-            raise ValueError(f"category {category!r} is not one the model was trained on")
-        y = torch.full((b,), int(model.class_index[category]), dtype=torch.long, device=device)
-
-    from diffad_core.train import autocast_context
-
+    t_model = model_timesteps(model.schedule, t_idx)
+    if category is None:
+        if len(model.class_index) > 1:
+            raise ValueError("gradient_denoise needs a category for a multi-class model")
+        category = next(iter(model.class_index), "")
+    y = model.class_labels(category, b)
     if generator is not None and cfg.sample and generator.device != device:
         # reverse_step draws its noise on the images' device: seed a generator there from ours.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -112,20 +103,19 @@ def reconstruction_order(labels: Sequence[int], defect_types: Sequence[str]) -> 
 
 
 def reconstruct_split(
-    model: DiffadModel, prepared: PreparedSplit, *, limit: int | None = None,
-    seed: int | None = None,
+    model: DiffadModel, prepared: PreparedSplit, settings: ReconstructConfig, *,
+    limit: int | None = None, seed: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Algorithm 1 over a prepared split, in :func:`reconstruction_order`, at most ``limit``
-    images, ``cfg.reconstruct.batch_size`` at a time; yields (index into the split,
+    images, ``settings.batch_size`` at a time; yields (index into the split,
     reconstruction (3, H, W) in [-1, 1] on the CPU)."""
-    cfg = model.cfg
     order = reconstruction_order(prepared.labels, prepared.defect_types)
     if limit is not None:
         order = order[: max(0, int(limit))]
-    generator = torch.Generator().manual_seed(int(cfg.seed if seed is None else seed))
-    bs = max(1, int(cfg.reconstruct.batch_size))
+    generator = torch.Generator().manual_seed(int(seed))
+    bs = max(1, int(settings.batch_size))
     for lo in range(0, len(order), bs):
         idx = order[lo : lo + bs]
         batch = torch.from_numpy(np.ascontiguousarray(prepared.images[idx]))
-        recon = gradient_denoise(model, batch, cfg.reconstruct, generator, category=prepared.category)
+        recon = gradient_denoise(model, batch, settings, generator, category=prepared.category)
         yield from zip(idx, recon.cpu())

@@ -1,8 +1,9 @@
 """The run report: tables (with the paper's numbers side by side) and figures, as Markdown + HTML.
 
-Reads only ``metrics.parquet`` and the score partitions (see ``results.py``), so a report can be
-rebuilt without the models. Figures are drawn with numpy + PIL (a jet-like colormap), written as
-PNG files beside the report and embedded as base64 in the self-contained HTML.
+Reads only ``metrics.parquet``, ``defect_metrics.parquet`` and the score partitions (see
+``diffad_core.results``), so a report can be rebuilt without the models. Figures (the first images
+and the weakest ones of each category) are drawn with numpy + PIL and ``overlay.py``'s jet overlay,
+written as PNG files beside the report and embedded as base64 in the self-contained HTML.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from PIL import Image, ImageDraw
 
 from diffad_core import paper_numbers
 from diffad_core import results as R
+from diffad_core.overlay import overlay
 
 ABLATION_LABELS: dict[str, str] = {
     "": "ensemble (Eq. 11)", "kl": "KL only", "feature": "feature only", "rgb": "RGB error",
-    "padim": "PaDiM",
+    "padim": "PaDiM", "grid_h4": "features at H/4", "single_pass": "one UNet pass per t",
 }
 _MIN_PANEL = 160
 
@@ -119,7 +121,7 @@ def _ablation_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]] | Non
     for r in _ordered(df).to_dict("records"):
         for abl in [""] + present:
             suffix = f"_{abl}" if abl else ""
-            rows.append([str(r["category"]), ABLATION_LABELS[abl],
+            rows.append([str(r["category"]), ABLATION_LABELS.get(abl, abl),
                          _pct(r.get(f"pixel_auroc{suffix}")), _pct(r.get(f"pro{suffix}")),
                          _pct(r.get(f"image_auroc{suffix}"))])
     return headers, rows
@@ -131,6 +133,35 @@ def _timing_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
              _num(r.get("reconstruct_ms_per_image")), str(r.get("model_version") or "n/a")]
             for r in _ordered(df).to_dict("records")]
     return headers, rows
+
+
+def _failure_table(run_dir: Path, df: pd.DataFrame) -> tuple[list[str], list[list[str]]] | None:
+    """Per category and defect kind, from ``defect_metrics.parquet`` (computed from the partitions
+    when the run was evaluated before that file existed)."""
+    try:
+        kinds = R.read_defect_metrics(run_dir)
+    except FileNotFoundError:
+        present = set(R.list_categories_in_run(run_dir))
+        kinds = R.evaluate_defect_kinds(run_dir, [c for c in df["category"] if c in present])
+    if kinds.empty:
+        return None
+    order = {c: k for k, c in enumerate(df["category"])}
+    kinds = kinds.assign(_o=kinds["category"].map(order)).sort_values(["_o", "defect_type"])
+    headers = ["category", "defect kind", "n images", "n good", "pixel AUROC %", "PRO %",
+               "image AUROC %", "status"]
+    rows = [[str(r["category"]), str(r["defect_type"]), str(r["n_images"]), str(r["n_good"]),
+             _pct(r["pixel_auroc"]), _pct(r["pro"]), _pct(r["image_auroc"]), str(r["status"])]
+            for r in kinds.to_dict("records")]
+    return headers, rows
+
+
+_FAILURE_NOTE = ("Each defect kind's images scored together with all normal images of their "
+                 "category: the lowest rows are the failure modes.")
+_FIGURE_NOTE = ("Per row: input, ground truth, anomaly map over the input (one colour scale per "
+                "category, jet: blue low, red high), reconstruction (Algorithm 1) when made. First "
+                "a few images (anomalous first), then the category's weakest images, marked "
+                "\"weak\": lowest pixel AUROC over their own pixels, anomalous images that most normal "
+                "images outscore, and the highest-scoring normal image.")
 
 
 def _paper_reference_lines(dataset: str) -> list[str]:
@@ -147,20 +178,11 @@ def _paper_reference_lines(dataset: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- figures
-def _jet(values: np.ndarray) -> np.ndarray:
-    """Jet-like colormap: [0, 1] -> uint8 RGB (dark blue, blue, cyan, yellow, red, dark red)."""
-    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
-    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
-    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
-    return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
-
-
 def _load_input(row: Mapping[str, Any], data_root: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
-    if row.get("input_png") is not None:
-        img = row["input_png"]
-    elif data_root is not None and (data_root / row["image_path"]).is_file():
-        with Image.open(data_root / row["image_path"]) as im:
+    if row.get("input_image") is not None:
+        img = row["input_image"]
+    elif data_root is not None and (data_root / row["rel_path"]).is_file():
+        with Image.open(data_root / row["rel_path"]) as im:
             img = np.asarray(im.convert("RGB"))
     else:
         return None
@@ -194,11 +216,40 @@ def _interleave_by_type(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _category_figure(run_dir: Path, category: str, n_images: int, data_root: Path | None,
-                     out_path: Path) -> Path | None:
-    """Rows of (input, ground truth, anomaly-map overlay, reconstruction) for a few images:
-    anomalous ones first, reconstructed ones first, one defect type after another. The map
-    colour scale is shared by the whole category (0.5th to 99.5th percentile of its pixels)."""
+def _figure_row(row: Mapping[str, Any], reason: str | None, has_recon: bool, lo: float, hi: float,
+                data_root: Path | None) -> Image.Image:
+    """Input, ground truth, the anomaly map over the input, [reconstruction] side by side."""
+    amap = row["anomaly_map"]
+    shape = amap.shape
+    size = max(max(shape), _MIN_PANEL)
+    inp = _load_input(row, data_root, shape)
+    # overlay() takes images in [-1, 1]; an input-less row is drawn over mid grey
+    base = inp.astype(np.float32) / 127.5 - 1.0 if inp is not None else np.zeros(shape + (3,))
+    over = overlay(base, amap, opacity=0.5, vmin=lo, vmax=hi)
+    mask = row["mask"]
+    gt = None if mask is None else np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if gt is None and row["label"] == 0:
+        gt = np.zeros(shape + (3,), np.uint8)
+    name = Path(row["rel_path"]).name
+    panels = [_panel(inp, size, f"{row['defect_type']}/{name}"),
+              _panel(gt, size, f"weak: {reason}" if reason else "ground truth"),
+              _panel(over, size, f"map, score {row['image_score']:.3g}")]
+    if has_recon:
+        panels.append(_panel(row["reconstruction"], size, "reconstruction"))
+    strip = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1),
+                              panels[0].height), (255, 255, 255))
+    for k, p in enumerate(panels):
+        strip.paste(p, (k * (p.width + 4), 0))
+    return strip
+
+
+def _category_figure(run_dir: Path, category: str, n_images: int, n_weakest: int,
+                     data_root: Path | None, out_path: Path) -> tuple[Path, pd.DataFrame] | None:
+    """Rows of (input, ground truth, anomaly-map overlay, reconstruction): first ``n_images``
+    images (anomalous ones first, reconstructed ones first, one defect type after another), then
+    the category's ``n_weakest`` weakest images (``results.weakest_images``) not shown yet. The
+    map colour scale is shared by the category (0.5th to 99.5th percentile of its pixels).
+    Returns the PNG path and the weakest images' table."""
     index: list[dict[str, Any]] = []
     samples: list[np.ndarray] = []
     rng = np.random.default_rng(0)
@@ -206,7 +257,7 @@ def _category_figure(run_dir: Path, category: str, n_images: int, data_root: Pat
         flat = row["anomaly_map"].ravel()
         samples.append(rng.choice(flat, size=min(flat.size, 4096), replace=False))
         index.append({"i": i, "label": row["label"], "defect_type": row["defect_type"],
-                      "recon": row["reconstruction"] is not None})
+                      "rel_path": row["rel_path"], "recon": row["reconstruction"] is not None})
     if not index:
         return None
     lo, hi = (float(v) for v in np.percentile(np.concatenate(samples), [0.5, 99.5]))
@@ -214,39 +265,21 @@ def _category_figure(run_dir: Path, category: str, n_images: int, data_root: Pat
     ordered = (_interleave_by_type([r for r in anomalous if r["recon"]])
                + _interleave_by_type([r for r in anomalous if not r["recon"]])
                + [r for r in index if r["label"] == 0])
-    wanted = {r["i"]: k for k, r in enumerate(ordered[:n_images])}
+    n_good = 1 if n_weakest >= 2 else 0
+    weak = R.weakest_images(run_dir, category, n_anomalous=n_weakest - n_good, n_good=n_good)
+    reasons = dict(zip(weak["rel_path"], weak["reason"]))
+    position = {r["rel_path"]: r["i"] for r in index}
+    shown = [r["i"] for r in ordered[:n_images]]
+    shown += [position[p] for p in weak["rel_path"] if position[p] not in shown]
+    wanted = {i: k for k, i in enumerate(shown)}
     chosen: list[dict[str, Any]] = [{}] * len(wanted)
     for i, row in enumerate(R.iter_maps(run_dir, [category], maps=("anomaly_map", "mask",
-                                                                   "reconstruction", "input_png"))):
+                                                                   "reconstruction", "input_image"))):
         if i in wanted:
             chosen[wanted[i]] = row
     has_recon = any(r["reconstruction"] is not None for r in chosen)
-    rows_img = []
-    for row in chosen:
-        amap = row["anomaly_map"]
-        shape = amap.shape
-        size = max(max(shape), _MIN_PANEL)
-        inp = _load_input(row, data_root, shape)
-        norm = np.clip((amap - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(amap)
-        heat = _jet(norm).astype(np.float32)
-        base = inp.astype(np.float32) if inp is not None else np.full(heat.shape, 128.0, np.float32)
-        over = np.clip(0.5 * base + 0.5 * heat + 0.5, 0, 255).astype(np.uint8)
-        mask = row["mask"]
-        gt = None if mask is None else np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
-        if gt is None and row["label"] == 0:
-            gt = np.zeros(shape + (3,), np.uint8)
-        name = Path(row["image_path"]).name
-        panels = [_panel(inp, size, f"{row['defect_type']}/{name}"), _panel(gt, size, "ground truth"),
-                  _panel(over, size, f"map, score {row['image_score']:.3g}")]
-        if has_recon:
-            panels.append(_panel(row["reconstruction"], size, "reconstruction"))
-        width = sum(p.width for p in panels) + 4 * (len(panels) - 1)
-        strip = Image.new("RGB", (width, panels[0].height), (255, 255, 255))
-        x = 0
-        for p in panels:
-            strip.paste(p, (x, 0))
-            x += p.width + 4
-        rows_img.append(strip)
+    rows_img = [_figure_row(r, reasons.get(r["rel_path"]), has_recon, lo, hi, data_root)
+                for r in chosen]
     fig = Image.new("RGB", (max(r.width for r in rows_img),
                             sum(r.height for r in rows_img) + 4 * (len(rows_img) - 1)), (255, 255, 255))
     y = 0
@@ -255,7 +288,16 @@ def _category_figure(run_dir: Path, category: str, n_images: int, data_root: Pat
         y += r.height + 4
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.save(out_path, format="PNG")
-    return out_path
+    return out_path, weak
+
+
+def _weakest_table(weak: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["image", "defect kind", "why", "image score", "pixel AUROC % (own pixels)",
+               "score overlap %"]
+    rows = [[str(r["rel_path"]), str(r["defect_type"]), str(r["reason"]),
+             _num(r["image_score"], "{:.3g}"), _pct(r["pixel_auroc"]), _pct(r["score_overlap"])]
+            for r in weak.to_dict("records")]
+    return headers, rows
 
 
 # ----------------------------------------------------------------------------- report
@@ -320,12 +362,15 @@ def build_report(
     weights_note: str | None = None,
     data_root: str | Path | None = None,
     figures_per_category: int = 3,
+    weakest_per_category: int = 3,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` and ``figures/<category>.png`` into ``out_dir``.
 
-    ``data_root``: where to find the input images for the figures when the partition has no
-    ``input_png`` (optional; without it the input panel is grey). Returns
-    ``{"markdown": Path, "html": Path, "figures": {category: Path}}``.
+    Each figure shows the first ``figures_per_category`` images, then the category's
+    ``weakest_per_category`` weakest images (``results.weakest_images``: anomalous ones, plus the
+    highest-scoring normal image when 2 or more) that are not shown yet. ``data_root``: where to
+    find the input images when the partition has no ``input_image`` (optional; without it the
+    input panel is grey). Returns ``{"markdown": Path, "html": Path, "figures": {category: Path}}``.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     df = R.read_metrics(run_dir)
@@ -333,17 +378,20 @@ def build_report(
     root = Path(data_root) if data_root is not None else None
     present = set(R.list_categories_in_run(run_dir))
     figures: dict[str, Path] = {}
+    weakest: dict[str, tuple[list[str], list[list[str]]]] = {}
     for cat in df["category"]:
         if cat != R.MEAN_ROW and cat in present:
-            path = _category_figure(run_dir, cat, figures_per_category, root,
+            made = _category_figure(run_dir, cat, figures_per_category, weakest_per_category, root,
                                     out_dir / "figures" / f"{cat}.png")
-            if path is not None:
-                figures[cat] = path
+            if made is not None:
+                figures[cat] = made[0]
+                weakest[cat] = _weakest_table(made[1])
 
     run_id = run_dir.resolve().name
     main = _main_table(df, dataset)
     ablation = _ablation_table(df)
     timing = _timing_table(df)
+    failures = _failure_table(run_dir, df)
     note = _dataset_note(dataset)
     refs = _paper_reference_lines(dataset)
     prov = _provenance_lines(provenance, weights_note)
@@ -360,13 +408,15 @@ def build_report(
         md += [line, ""]
     if ablation:
         md += ["## Ablations", "", _md_table(*ablation), ""]
+    if failures:
+        md += ["## Failure modes per defect kind", "", _FAILURE_NOTE, "", _md_table(*failures), ""]
     md += ["## Timings", "", _md_table(*timing), ""]
     if figures:
-        md += ["## Figures", "",
-               "Per row: input, ground truth, anomaly map over the input (one colour scale per "
-               "category, jet: blue low, red high), reconstruction (Algorithm 1) when made. "
-               "Anomalous images first.", ""]
-        md += [f"### {cat}\n\n![{cat}](figures/{p.name})\n" for cat, p in figures.items()]
+        md += ["## Figures", "", _FIGURE_NOTE, ""]
+        for cat, p in figures.items():
+            md += [f"### {cat}", "", f"![{cat}](figures/{p.name})", ""]
+            if weakest[cat][1]:
+                md += ["Weakest images:", "", _md_table(*weakest[cat]), ""]
     md += ["## Provenance", ""] + [f"- {line}" for line in prov] + [""]
     if decisions:
         md += ["## Registry decisions", ""] + [f"- {line}" for line in decisions] + [""]
@@ -387,15 +437,18 @@ def build_report(
     h += [f"<p>{html.escape(line)}</p>" for line in refs]
     if ablation:
         h += ["<h2>Ablations</h2>", _html_table(*ablation)]
+    if failures:
+        h += ["<h2>Failure modes per defect kind</h2>", f"<p>{html.escape(_FAILURE_NOTE)}</p>",
+              _html_table(*failures)]
     h += ["<h2>Timings</h2>", _html_table(*timing)]
     if figures:
-        h += ["<h2>Figures</h2>", "<p>Per row: input, ground truth, anomaly map over the input "
-              "(one colour scale per category, jet: blue low, red high), reconstruction when made. "
-              "Anomalous images first.</p>"]
+        h += ["<h2>Figures</h2>", f"<p>{html.escape(_FIGURE_NOTE)}</p>"]
         for cat, p in figures.items():
             b64 = base64.b64encode(p.read_bytes()).decode("ascii")
             h.append(f"<h3>{html.escape(cat)}</h3><img alt='{html.escape(cat)}' "
                      f"src='data:image/png;base64,{b64}'>")
+            if weakest[cat][1]:
+                h.append(_html_table(*weakest[cat]))
     h += ["<h2>Provenance</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in prov] + ["</ul>"]
     if decisions:
         h += ["<h2>Registry decisions</h2><ul>"]

@@ -13,12 +13,30 @@ import asyncio
 import contextvars
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 
+from diffad_core import results
+from diffad_core.config import DiffadConfig, load_config
 from flows.category import train_category, train_or_restore
+from tasks import mlflow_logging as ml
 from tasks import pipeline as p
+from tasks import registry
+from tasks.records import CategoryMetrics, CategoryOutcome, PreparedData, TrainedModel
+from tasks.runs import (
+    RunRecord,
+    new_run_id,
+    publish_artifacts,
+    read_category_status,
+    read_run_config,
+    read_run_record,
+    run_dir,
+    run_record_path,
+    summary_markdown,
+    write_run_config,
+    write_run_record,
+)
 
 
 class CategoriesFailed(RuntimeError):
@@ -35,17 +53,20 @@ def _error_text(state: Any) -> str:
     return state.message or state.name
 
 
+def _failed(cat: str, error: str) -> CategoryOutcome:
+    return CategoryOutcome(category=cat, status="failed", error=error)
+
+
 def _fan_out_local(todo: list[str], common: dict[str, Any], hashes: dict[str, str],
-                   workers: int = 1) -> dict[str, dict[str, Any]]:
+                   workers: int = 1) -> dict[str, CategoryOutcome]:
     """Each category as an in-process subflow, ``workers`` at a time (threads, each carrying
     the parent flow's context); a failure is recorded, never raised."""
 
-    def _one(cat: str) -> dict[str, Any]:
-        state = train_category(category=cat, **{**common, "manifest_hash": hashes[cat]},
-                               return_state=True)
+    def _one(cat: str) -> CategoryOutcome:
+        state = train_category(category=cat, manifest_hash=hashes[cat], **common, return_state=True)
         if state.is_completed():
             return state.result()
-        return {"category": cat, "status": "failed", "error": _error_text(state)}
+        return _failed(cat, _error_text(state))
 
     if workers <= 1 or len(todo) <= 1:
         return {cat: _one(cat) for cat in todo}
@@ -55,136 +76,155 @@ def _fan_out_local(todo: list[str], common: dict[str, Any], hashes: dict[str, st
 
 
 def _fan_out_deployments(todo: list[str], common: dict[str, Any], hashes: dict[str, str],
-                         deployment: str) -> dict[str, dict[str, Any]]:
+                         deployment: str) -> dict[str, CategoryOutcome]:
     """One ``run_deployment`` per category, all at once; workers pull them. The outcome of each
     comes back through ``results/<run_id>/status/<category>.json`` on shared storage."""
     from prefect.deployments.flow_runs import arun_deployment
 
+    params = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in common.items()}
+
     async def _all() -> list[Any]:
-        calls = [arun_deployment(name=deployment, parameters={**common, "category": c,
-                                             "manifest_hash": hashes[c]},
+        calls = [arun_deployment(name=deployment, parameters={**params, "category": c,
+                                                              "manifest_hash": hashes[c]},
                                  flow_run_name=f"{common['run_id']}-{c}", timeout=None,
                                  poll_interval=2, as_subflow=True) for c in todo]
         return await asyncio.gather(*calls, return_exceptions=True)
 
     runs = asyncio.run(_all())
-    outcomes: dict[str, dict[str, Any]] = {}
+    outcomes: dict[str, CategoryOutcome] = {}
     for cat, run in zip(todo, runs):
-        status = p.read_category_status(common["run_id"], cat)
+        status = read_category_status(common["run_id"], cat)
         if isinstance(run, BaseException):
-            outcomes[cat] = {"category": cat, "status": "failed",
-                             "error": f"run_deployment: {type(run).__name__}: {run}"}
-        elif run.state is not None and run.state.is_completed() and status \
-                and status.get("status") == "done":
+            outcomes[cat] = _failed(cat, f"run_deployment: {type(run).__name__}: {run}")
+        elif run.state is not None and run.state.is_completed() and status and status.status == "done":
             outcomes[cat] = status
         else:
             state = run.state.name if run.state is not None else "unknown"
-            error = (status or {}).get("error") or (run.state.message if run.state else None)
-            outcomes[cat] = {"category": cat, "status": "failed",
-                             "error": f"flow run {run.id} ended {state}: {error}"}
+            error = (status.error if status else None) or (run.state.message if run.state else None)
+            outcomes[cat] = _failed(cat, f"flow run {run.id} ended {state}: {error}")
     return outcomes
 
 
-def _reusable(run_id: str, cat: str, config_hash: str, manifest_hash: str) -> dict[str, Any] | None:
+def _reusable(run_id: str, cat: str, config_hash: str, manifest_hash: str) -> CategoryOutcome | None:
     """A category already done in this run with the same config and data (a retry of the run)."""
-    from diffad_core import results
-
-    status = p.read_category_status(run_id, cat)
-    if not status or status.get("status") != "done":
+    status = read_category_status(run_id, cat)
+    if status is None or status.status != "done":
         return None
-    if status.get("config_hash") != config_hash or status.get("manifest_hash") != manifest_hash:
+    if status.config_hash != config_hash or status.manifest_hash != manifest_hash:
         return None
-    if cat not in results.list_categories_in_run(p.run_dir(run_id)):
+    if cat not in results.list_categories_in_run(run_dir(run_id)):
         return None
-    return {**status, "reused": True}
+    return status.model_copy(update={"reused": True})
 
 
-def _table(outcomes: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> str:
-    by_cat = {r["category"]: r for r in rows}
+def _table(outcomes: dict[str, CategoryOutcome], rows: list[CategoryMetrics]) -> str:
+    by_cat = {r.category: r for r in rows}
     lines = [f"{'category':<14} {'outcome':<8} {'pixAUROC':>8} {'PRO':>7} {'imgAUROC':>8}  error"]
+
+    def f(row: CategoryMetrics | None, key: str) -> str:
+        v = getattr(row, key) if row is not None else None
+        return f"{100 * v:.1f}" if isinstance(v, float) else "-"
+
     for cat in sorted(outcomes):
-        o, r = outcomes[cat], by_cat.get(cat, {})
-
-        def f(key: str) -> str:
-            v = r.get(key)
-            return f"{100 * v:.1f}" if isinstance(v, float) else "-"
-
-        lines.append(f"{cat:<14} {o['status']:<8} {f('pixel_auroc'):>8} {f('pro'):>7} "
-                     f"{f('image_auroc'):>8}  {(o.get('error') or '')[:160]}")
+        o, r = outcomes[cat], by_cat.get(cat)
+        lines.append(f"{cat:<14} {o.status:<8} {f(r, 'pixel_auroc'):>8} {f(r, 'pro'):>7} "
+                     f"{f(r, 'image_auroc'):>8}  {(o.error or '')[:160]}")
     mean = by_cat.get("mean")
-    if mean:
-        lines.append(f"{'mean':<14} {'':<8} " + " ".join(
-            f"{100 * mean[k]:.1f}".rjust(w) if isinstance(mean.get(k), float) else "-".rjust(w)
-            for k, w in (("pixel_auroc", 8), ("pro", 7), ("image_auroc", 8))))
+    if mean is not None:
+        lines.append(f"{'mean':<14} {'':<8} {f(mean, 'pixel_auroc'):>8} {f(mean, 'pro'):>7} "
+                     f"{f(mean, 'image_auroc'):>8}")
     return "\n".join(lines)
+
+
+def _register(cfg: DiffadConfig, run_id: str, parent: str, rows: list[CategoryMetrics],
+              fresh: list[CategoryOutcome], unified: TrainedModel | None) -> tuple[dict[str, str], list[str]]:
+    """Register what this invocation trained or scored; returns (decision per model, problems)."""
+    decisions: dict[str, str] = {}
+    problems: list[str] = []
+    by_cat = {r.category: r for r in rows}
+    if unified is not None:
+        jobs = [("unified", parent, unified.checkpoint_dir, by_cat["mean"], unified.train_key)] if fresh else []
+    else:
+        jobs = [(o.category, o.mlflow_run_id or parent, o.checkpoint_dir or "", by_cat[o.category], o.train_key)
+                for o in fresh]
+    for label, mlflow_run, ckpt, metrics, key in jobs:
+        state = p.register_task(cfg, mlflow_run, ckpt, label, metrics, run_id, key, return_state=True)
+        model = registry.model_name(cfg.data.dataset, label)
+        if state.is_completed():
+            d = state.result()
+            verdict = ("unchanged" if not d.registered
+                       else "promoted to champion" if d.promoted else "stays challenger")
+            decisions[model] = f"version {d.version} {verdict} ({d.reason})"
+        else:
+            decisions[model] = f"registration failed: {_error_text(state)}"
+            problems.append(f"registry {model}: {_error_text(state)}")
+    return decisions, problems
+
+
+def _resolve(config: DiffadConfig | None, preset: str, overrides: list[str] | None) -> DiffadConfig:
+    """The run's config: ``config`` as given (the CLI resolves it), else ``preset`` plus
+    ``overrides`` (deployments and schedules pass those)."""
+    if config is None:
+        return load_config(preset, overrides=list(overrides or []))
+    if overrides:
+        raise ValueError("give either a resolved config or preset/overrides, not both")
+    return config
 
 
 @flow(name="full-benchmark", log_prints=True, validate_parameters=True)
 def full_benchmark(
-    dataset: str | None = None,
-    root: str | None = None,
-    categories: list[str] | None = None,
+    config: DiffadConfig | None = None,
     preset: str = "cpu-demo",
     overrides: list[str] | None = None,
-    executor: Literal["local", "deployments"] | None = None,
-    register_models: bool | None = None,
-    promote: bool | None = None,
     run_id: str | None = None,
     date: str | None = None,
     only: list[str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Benchmark every category (default: all of the dataset). ``only``: (re)run just these
-    categories of the run (the others keep their results); ``force``: redo them even when this
-    run already has them done (else a retry of the run redoes only what is missing or failed).
-    ``register_models``/``promote``/``executor`` default to the config's registry and runtime
-    sections."""
+    """Benchmark every category of ``config`` (or of ``preset`` + ``overrides``). ``only``:
+    (re)run just these categories of the run (the others keep their results); ``force``: redo
+    them even when this run already has them done (else a retry of the run redoes only what is
+    missing or failed). Executor, registration and promotion come from the config's
+    ``runtime`` and ``registry`` sections."""
     logger = get_run_logger()
-    cfg = p.make_config(preset, overrides, dataset, root, categories)
-    run_id = run_id or p.new_run_id(date)
-    executor = executor or cfg.runtime.executor
-    register = cfg.registry.register_models if register_models is None else register_models
-    promote = cfg.registry.promote if promote is None else promote
-
-    data = p.prepare_data(cfg)
+    cfg = _resolve(config, preset, overrides)
+    run_id = run_id or new_run_id(date)
+    data: PreparedData = p.prepare_data(cfg)
     weights = p.prepare_weights(cfg)
-    cats: list[str] = data["categories"]
-    # From here on the config names the resolved data folder and category list, exactly as each
-    # category flow builds it from ``common`` (so their config hashes agree).
-    cfg = p.make_config(preset, overrides, cfg.data.dataset, data["root"], cats)
+    cats = data.categories
+    # From here on the config names the resolved data folder and category list.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": data.root, "categories": cats})})
     unknown = sorted(set(only or []) - set(cats))
     if unknown:
         raise ValueError(f"categories {unknown} are not in this run's categories {cats}")
-    manifest = data["manifest_hash"]
+    manifest = data.manifest_hash
     label = "unified" if cfg.mode == "unified" else "per-category"
-    parent = p.open_mlflow_run(cfg, f"benchmark {run_id}", manifest,
-                               {"diffad_run_id": run_id, "executor": executor, "kind": "benchmark",
-                                "categories": ",".join(cats), "label": label, "date": date})
-    params = {"dataset": cfg.data.dataset, "root": data["root"], "categories": cats,
-              "preset": preset, "overrides": list(overrides or []), "executor": executor,
-              "register": register, "promote": promote, "date": date}
-    p.write_run_record(run_id, {"run_id": run_id, "parameters": params, "status": "running",
-                                "mlflow_parent_run_id": parent, "mode": cfg.mode,
-                                "started_utc": dt.datetime.now(dt.timezone.utc).isoformat()})
-    common: dict[str, Any] = {
-        "run_id": run_id, "preset": preset, "overrides": list(overrides or []),
-        "dataset": cfg.data.dataset, "root": data["root"], "categories": cats,
-        "manifest_hash": manifest, "parent_mlflow_run_id": parent, "date": date,
-    }
+    executor = cfg.runtime.executor
+    parent = ml.open_mlflow_run(cfg, f"benchmark {run_id}", manifest,
+                                {"diffad_run_id": run_id, "executor": executor, "kind": "benchmark",
+                                 "categories": ",".join(cats), "label": label, "date": date})
+    ml.log_weights(parent, weights)
+    record = read_run_record(run_id) or RunRecord(run_id=run_id)
+    record = record.model_copy(update={
+        "status": "running", "mode": cfg.mode, "executor": executor, "date": date,
+        "categories": list(dict.fromkeys(record.categories + cats)), "mlflow_parent_run_id": parent,
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat()})
+    write_run_record(record)
+    write_run_config(run_id, cfg)
     # Per-category models depend only on their own category's files (METHOD.md §1 layout).
-    hashes = {c: manifest if cfg.mode == "unified" else data["category_hashes"][c] for c in cats}
+    hashes = {c: manifest if cfg.mode == "unified" else data.category_hashes[c] for c in cats}
     try:
-        unified: dict[str, Any] | None = None
+        unified: TrainedModel | None = None
         if cfg.mode == "unified":
             # One class-conditional model over all categories (METHOD.md §2, "Unified model").
             unified, cached = train_or_restore(cfg, cats, "unified", manifest, date)
-            p.log_training(parent, unified, cached=cached)
-            common.update(checkpoint_dir=unified["checkpoint_dir"], train_key=unified["train_key"])
+            ml.log_training(parent, unified, cached=cached)
+        common: dict[str, Any] = {"config": cfg, "run_id": run_id, "parent_mlflow_run_id": parent,
+                                  "unified": unified, "date": date}
 
-        wanted = list(only) if only else cats
-        outcomes: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, CategoryOutcome] = {}
         todo = []
-        for cat in wanted:
+        for cat in (list(only) if only else cats):
             reused = None if force else _reusable(run_id, cat, cfg.config_hash(), hashes[cat])
             if reused is not None:
                 logger.info("category %s already done in run %s: kept", cat, run_id)
@@ -197,114 +237,77 @@ def full_benchmark(
             outcomes.update(_fan_out_local(todo, common, hashes, cfg.runtime.local_workers))
 
         # Aggregate over every category of the run, from the parquet files only.
-        record = p.read_run_record(run_id) or {}
-        all_cats = list(dict.fromkeys(list(record.get("parameters", {}).get("categories", []))
-                                      + cats))
-        timings: dict[str, dict[str, Any]] = {}
-        for cat in all_cats:
-            status = outcomes.get(cat) or p.read_category_status(run_id, cat) or {}
-            if status.get("status") == "done":
-                timings[cat] = {k: v for k, v in (status.get("timings") or {}).items()
-                                if v is not None}
-        rows = p.aggregate(cfg, run_id, timings, all_cats)
-        p.log_run_metrics(parent, rows)
+        all_outcomes = {c: s for c in record.categories if (s := read_category_status(run_id, c)) is not None}
+        all_outcomes.update(outcomes)
+        timings = {c: {**(o.timings.model_dump() if o.timings else {}), "model_version": o.model_version,
+                       "alpha": o.alpha}
+                   for c, o in all_outcomes.items() if o.status == "done"}
+        rows = p.aggregate(cfg, run_id, timings, record.categories)
+        ml.log_run_metrics(parent, rows)
 
         decisions: dict[str, str] = {}
         problems: list[str] = []
-        if register:
-            fresh = [c for c in todo if outcomes[c]["status"] == "done"]
-            jobs: list[tuple[str, str, str, dict[str, Any], str | None]] = []
-            if unified is not None and fresh:
-                mean = next(r for r in rows if r["category"] == "mean")
-                jobs.append(("unified", parent, unified["checkpoint_dir"], mean,
-                             unified["train_key"]))
-            elif unified is None:
-                by_cat = {r["category"]: r for r in rows}
-                jobs += [(c, outcomes[c]["mlflow_run_id"], outcomes[c]["checkpoint_dir"], by_cat[c],
-                          outcomes[c].get("train_key")) for c in fresh]
-            for name, mlflow_run, ckpt, metrics, key in jobs:
-                state = p.register_task(cfg, mlflow_run, ckpt, name, metrics, promote, run_id,
-                                        key, return_state=True)
-                model = f"diffad-{cfg.data.dataset}-{name}"
-                if state.is_completed():
-                    d = state.result()
-                    verdict = ("unchanged" if not d.get("registered", True)
-                               else "promoted to champion" if d["promoted"] else "stays challenger")
-                    decisions[model] = f"version {d['version']} {verdict} ({d['reason']})"
-                else:
-                    decisions[model] = f"registration failed: {_error_text(state)}"
-                    problems.append(f"registry {model}: {_error_text(state)}")
+        if cfg.registry.register_models:
+            fresh = [outcomes[c] for c in todo if outcomes[c].status == "done"]
+            decisions, problems = _register(cfg, run_id, parent, rows, fresh, unified)
 
-        report = p.report_task(cfg, run_id, manifest, decisions, weights, data["root"], parent)
-        all_outcomes = {**{c: s for c in all_cats
-                           if (s := p.read_category_status(run_id, c)) is not None}, **outcomes}
-        summary_md = p.summary_markdown(run_id, rows, all_outcomes, report["markdown"])
+        report = p.report_task(cfg, run_id, manifest, decisions, weights, data.root, parent)
+        summary_md = summary_markdown(run_id, rows, all_outcomes, report["markdown"])
         if decisions:
             summary_md += "\n\n## Registry\n" + "\n".join(f"- {k}: {v}" for k, v in decisions.items())
-        p.publish_artifacts(run_id, rows, summary_md)
-        failed = sorted(c for c, o in all_outcomes.items() if o.get("status") != "done")
-        record_update = {
-            "status": "failed" if failed or problems else "completed",
-            "categories": {c: {"status": o.get("status"), "error": o.get("error"),
-                               "mlflow_run_id": o.get("mlflow_run_id")}
-                           for c, o in outcomes.items()},
-            "report": report, "registry": decisions, "problems": problems,
-            "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
-        }
-        p.write_run_record(run_id, record_update)
-        print(f"run {run_id} ({label}, preset {preset}):\n" + _table(all_outcomes, rows))
-        p.close_mlflow_run(parent, "FAILED" if failed or problems else "FINISHED")
+        publish_artifacts(run_id, rows, summary_md)
+        failed = sorted(c for c, o in all_outcomes.items() if o.status != "done")
+        write_run_record(record.model_copy(update={
+            "status": "failed" if failed or problems else "completed", "report": report,
+            "registry": decisions, "problems": problems,
+            "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat()}))
+        print(f"run {run_id} ({label}, preset {cfg.preset}):\n" + _table(all_outcomes, rows))
+        ml.close_mlflow_run(parent, "FAILED" if failed or problems else "FINISHED")
     except BaseException:
-        p.write_run_record(run_id, {"status": "failed"})
-        p.close_mlflow_run(parent, "FAILED")
+        write_run_record(record.model_copy(update={"status": "failed"}))
+        ml.close_mlflow_run(parent, "FAILED")
         raise
     if failed or problems:
-        errors = "; ".join(f"{c}: {all_outcomes[c].get('error')}" for c in failed)
+        errors = "; ".join(f"{c}: {all_outcomes[c].error}" for c in failed)
         raise CategoriesFailed(f"run {run_id}: {len(failed)} of {len(all_outcomes)} categories "
                                f"failed ({errors}){'; ' + '; '.join(problems) if problems else ''}")
-    return {"run_id": run_id, "outcomes": all_outcomes, "metrics": rows, "report": report,
-            "registry": decisions, "mlflow_parent_run_id": parent}
+    return {"run_id": run_id, "outcomes": {c: o.model_dump() for c, o in all_outcomes.items()},
+            "metrics": [r.model_dump() for r in rows], "report": report, "registry": decisions,
+            "mlflow_parent_run_id": parent}
 
 
 @flow(name="nightly-retrain", log_prints=True, validate_parameters=True)
 def nightly_retrain(
-    dataset: str | None = None,
-    root: str | None = None,
-    categories: list[str] | None = None,
     preset: str = "paper",
     overrides: list[str] | None = None,
-    executor: Literal["local", "deployments"] | None = None,
     date: str | None = None,
 ) -> dict[str, Any]:
     """The nightly benchmark: carries its date (default: today, UTC) so the training cache key
     changes and the models really retrain; registers challengers and promotes."""
     date = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    return full_benchmark(dataset=dataset, root=root, categories=categories, preset=preset,
-                          overrides=overrides, executor=executor, register_models=True,
-                          promote=True, date=date)
+    cfg = load_config(preset, overrides=[*(overrides or []), "registry.register_models=true",
+                                         "registry.promote=true"])
+    return full_benchmark(config=cfg, date=date)
 
 
 def failed_categories(run_id: str) -> list[str]:
-    """The categories of run ``run_id`` that did not finish: from its run.json outcomes, else the
+    """The categories of run ``run_id`` that did not finish: from their status files, else the
     categories that have no ``ok`` row in its metrics.parquet."""
-    from diffad_core import results
-
-    record = p.read_run_record(run_id)
+    record = read_run_record(run_id)
     if record is None:
-        raise FileNotFoundError(f"run {run_id}: {p.run_record_path(run_id)} does not exist")
-    cats = record.get("parameters", {}).get("categories", [])
+        raise FileNotFoundError(f"run {run_id}: {run_record_path(run_id)} does not exist")
     out = []
-    for cat in cats:
-        status = p.read_category_status(run_id, cat) or record.get("categories", {}).get(cat)
-        if not status or status.get("status") != "done":
+    for cat in record.categories:
+        status = read_category_status(run_id, cat)
+        if status is None or status.status != "done":
             out.append(cat)
     try:
-        df = results.read_metrics(p.run_dir(run_id))
+        df = results.read_metrics(run_dir(run_id))
         ok = set(df.loc[df["status"] == "ok", "category"])
-        out += [c for c in cats if c not in ok and c not in out]
+        out += [c for c in record.categories if c not in ok and c not in out]
     except FileNotFoundError:
         pass
-    return [c for c in cats if c in out]
+    return [c for c in record.categories if c in out]
 
 
 @flow(name="rerun-categories", log_prints=True, validate_parameters=True)
@@ -312,23 +315,18 @@ def rerun_categories(
     run_id: str,
     categories: list[str] | None = None,
     failed: bool = False,
-    executor: Literal["local", "deployments"] | None = None,
 ) -> dict[str, Any]:
-    """Redo some categories of run ``run_id`` with its own parameters: the given list, or (with
-    ``failed``) the ones that failed. Only those run; the run is then re-aggregated and
+    """Redo some categories of run ``run_id`` with its own resolved config: the given list, or
+    (with ``failed``) the ones that failed. Only those run; the run is then re-aggregated and
     re-reported."""
-    record = p.read_run_record(run_id)
+    record = read_run_record(run_id)
     if record is None:
-        raise FileNotFoundError(f"run {run_id}: {p.run_record_path(run_id)} does not exist")
+        raise FileNotFoundError(f"run {run_id}: {run_record_path(run_id)} does not exist")
     todo = list(categories or [])
     if failed:
         todo += [c for c in failed_categories(run_id) if c not in todo]
     if not todo:
         print(f"run {run_id}: nothing to rerun")
         return {"run_id": run_id, "outcomes": {}, "rerun": []}
-    prm = record["parameters"]
-    return full_benchmark(dataset=prm["dataset"], root=prm["root"], categories=prm["categories"],
-                          preset=prm["preset"], overrides=prm["overrides"],
-                          executor=executor or prm["executor"], register_models=prm["register"],
-                          promote=prm["promote"], run_id=run_id, date=prm["date"], only=todo,
-                          force=True)
+    return full_benchmark(config=read_run_config(run_id), run_id=run_id, date=record.date,
+                          only=todo, force=True)

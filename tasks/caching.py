@@ -16,7 +16,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import UnidentifiedImageError
+
+import diffad_core
 from diffad_core.config import ConfigError, DiffadConfig, diffad_home
+from diffad_core.data.layouts import DataError
 
 
 
@@ -30,8 +35,6 @@ def result_storage_path() -> Path:
 @lru_cache(maxsize=1)
 def source_hash() -> str:
     """sha256 over the ``diffad_core`` Python sources (path + bytes), 12 hex digits."""
-    import diffad_core
-
     root = Path(diffad_core.__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
@@ -49,25 +52,13 @@ def code_version() -> str:
     return f"{version}+src.{source_hash()}"
 
 
-def train_config_hash(cfg: DiffadConfig) -> str:
-    """Hash of the config that a checkpoint is trained with: ``DiffadConfig.model_hash``, so
-    scoring, reconstruction and registry settings never force a retraining (the same rule as
-    train.py's check of an existing checkpoint folder)."""
-    return cfg.model_hash()
-
-
 def train_key(cfg: DiffadConfig, categories: list[str], manifest_hash: str, date: str | None) -> str:
     """The identity of one training: also the name of its checkpoint directory."""
     blob = json.dumps({
-        "categories": sorted(categories), "config": train_config_hash(cfg),
+        "categories": sorted(categories), "config": cfg.model_hash(),
         "manifest": manifest_hash, "code": code_version(), "date": date or "",
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def checkpoint_dir(cfg: DiffadConfig, label: str, key: str) -> Path:
-    """``<DIFFAD_HOME>/checkpoints/<dataset>/<category or unified>/<train key>``."""
-    return diffad_home().resolve() / "checkpoints" / cfg.data.dataset / label / key
 
 
 def train_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
@@ -80,28 +71,9 @@ def train_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 
 
 def _non_transient() -> tuple[type[BaseException], ...]:
-    kinds: list[type[BaseException]] = [ConfigError, ValueError, TypeError, KeyError,
-                                        FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                        NotImplementedError, MemoryError]
-    try:
-        import torch
-
-        kinds.append(torch.OutOfMemoryError)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        from diffad_core.data.layouts import DataError
-
-        kinds.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from PIL import UnidentifiedImageError
-
-        kinds.append(UnidentifiedImageError)
-    except ImportError:
-        pass
-    return tuple(kinds)
+    return (ConfigError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, NotImplementedError, MemoryError, torch.OutOfMemoryError, DataError,
+            UnidentifiedImageError)
 
 
 def is_transient(exc: BaseException | None) -> bool:

@@ -17,8 +17,27 @@ def test_paper_preset_is_the_method():
     assert cfg.unet.attention_resolutions == [32, 16, 8]
     assert cfg.diffusion.score_timesteps == [5, 50, 100]
     assert cfg.train.iterations == 10_000 and cfg.train.batch_size == 2
-    assert cfg.features.weights.timm_name == "efficientnet_b4"
     assert cfg.score.alpha == 0.5
+
+
+def test_paper_preset_is_the_official_run():
+    """Issue #7: every official quirk is on in paper (and unified), off in refined."""
+    for preset in ("paper", "unified"):
+        cfg = load_config(preset)
+        assert cfg.features.weights.timm_name == "tf_efficientnet_b4.aa_in1k"
+        assert not cfg.features.imagenet_norm and cfg.features.static_same_padding == 380
+        assert cfg.unet.feature_tap == "before_last" and cfg.train.init_checkpoint == "openai-adm-256"
+        assert not cfg.data.augment_rotation
+        s = cfg.score
+        assert s.feature_map_size == 16 and s.official_timestep_quirk and s.kl_unbiased_std
+        assert s.amp == "off" and s.ablations == ["grid_h4", "single_pass"]
+    refined = load_config("refined")
+    assert refined.model_definition()["unet"] == load_config("paper").model_definition()["unet"]
+    assert refined.data.augment_rotation and refined.features.imagenet_norm
+    assert refined.features.static_same_padding is None
+    s = refined.score
+    assert s.feature_map_size is None and not s.official_timestep_quirk and not s.kl_unbiased_std
+    assert refined.train.init_checkpoint == "openai-adm-256"
 
 
 def test_unknown_key_is_rejected_with_its_name():

@@ -31,7 +31,7 @@ OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    from flows._commands import prefect_environment
+    from diffad_core.cli.pipeline import prefect_environment
 
     prefect_environment()
     from prefect.testing.utilities import prefect_test_harness
@@ -53,10 +53,15 @@ def env(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Iter
         yield paths
 
 
-def _cfg() -> Any:
-    from tasks.pipeline import make_config
+def _cfg(*extra: str, categories: list[str] = CATEGORIES) -> Any:
+    from diffad_core.config import load_config
 
-    return make_config("smoke", OVERRIDES, categories=CATEGORIES)
+    return load_config("smoke", overrides=[*OVERRIDES, *extra,
+                                           f"data.categories=[{','.join(categories)}]"])
+
+
+def _status(env: dict[str, Path], category: str, run_id: str = RUN_ID) -> dict[str, Any]:
+    return json.loads((env["home"] / "results" / run_id / "status" / f"{category}.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +80,7 @@ def broken_image(env: dict[str, Path]) -> dict[str, Any]:
 def first_run(env: dict[str, Path], broken_image: dict[str, Any]) -> Any:
     from flows.benchmark import full_benchmark
 
-    return full_benchmark(preset="smoke", categories=CATEGORIES, overrides=OVERRIDES,
-                          run_id=RUN_ID, return_state=True)
+    return full_benchmark(config=_cfg(), run_id=RUN_ID, return_state=True)
 
 
 def _run_dir(env: dict[str, Path]) -> Path:
@@ -88,10 +92,10 @@ def test_failure_is_isolated_and_reported(env: dict[str, Path], first_run: Any,
     assert first_run.is_failed()
     assert "1 of 2 categories failed" in first_run.message
     record = json.loads((_run_dir(env) / "run.json").read_text())
-    assert record["status"] == "failed"
-    assert record["categories"]["weave"]["status"] == "done"
-    assert record["categories"]["gravel"]["status"] == "failed"
-    assert broken_image["path"].name in record["categories"]["gravel"]["error"]
+    assert record["status"] == "failed" and record["categories"] == CATEGORIES
+    assert _status(env, "weave")["status"] == "done"
+    assert _status(env, "gravel")["status"] == "failed"
+    assert broken_image["path"].name in _status(env, "gravel")["error"]
     from diffad_core import results
 
     metrics = results.read_metrics(_run_dir(env)).set_index("category")
@@ -106,8 +110,8 @@ def test_parquet_and_report(env: dict[str, Path], first_run: Any) -> None:
 
     parts = sorted((_run_dir(env) / "scores" / "category=weave").glob("part-*.parquet"))
     assert parts
-    table = pq.read_table(parts[0])
-    assert table.schema.remove_metadata() == results.SCORE_SCHEMA
+    results.validate_score_file(parts[0])
+    assert pq.read_table(parts[0]).num_rows > 0
     df = results.read_scores(_run_dir(env), ["weave"])
     assert set(df["run_id"]) == {RUN_ID} and set(df["category"]) == {"weave"}
     assert set(df["label"]) == {0, 1}
@@ -158,12 +162,11 @@ def test_mlflow_runs_and_registry(env: dict[str, Path], first_run: Any) -> None:
 def test_predict_from_the_registry(env: dict[str, Path], first_run: Any,
                                    capsys: pytest.CaptureFixture) -> None:
     """`diffad predict --model models:/...@champion` downloads the registered weights and scores."""
-    import flows._commands  # noqa: F401  registers the models:/ scheme, as the CLI does
     from diffad_core.cli import main
 
     image = sorted((env["home"] / "data" / "synthetic" / "weave" / "test").glob("*/000.png"))[0]
     out = env["cwd"] / "pred"
-    code = main(["predict", "--model", "models:/diffad-synthetic-weave@champion", str(image),
+    code = main(["predict", "--checkpoint", "models:/diffad-synthetic-weave@champion", str(image),
                  "--out", str(out)])
     assert code == 0
     assert image.name in capsys.readouterr().out
@@ -195,7 +198,7 @@ def test_rerun_failed_redoes_only_that_category(env: dict[str, Path], first_run:
     assert (_run_dir(env) / "scores" / "category=gravel").is_dir()
     record = json.loads((_run_dir(env) / "run.json").read_text())
     assert record["status"] == "completed"
-    assert {c: o["status"] for c, o in record["categories"].items()} == \
+    assert {c: _status(env, c)["status"] for c in record["categories"]} == \
         {"weave": "done", "gravel": "done"}
     from diffad_core import results
 
@@ -211,8 +214,7 @@ def test_rerun_failed_redoes_only_that_category(env: dict[str, Path], first_run:
     # A retry of the same run redoes nothing: every category is kept.
     gravel_part = _run_dir(env) / "scores" / "category=gravel"
     gravel_before = {p.name: p.stat().st_mtime_ns for p in gravel_part.iterdir()}
-    again = full_benchmark(preset="smoke", categories=CATEGORIES, overrides=OVERRIDES,
-                           run_id=RUN_ID, return_state=True)
+    again = full_benchmark(config=_cfg(), run_id=RUN_ID, return_state=True)
     assert again.is_completed(), again.message
     result = again.result()
     assert all(o.get("reused") for o in result["outcomes"].values())
@@ -228,9 +230,8 @@ def test_training_cache_survives_a_new_run(env: dict[str, Path], first_run: Any)
     from flows.benchmark import full_benchmark
     from tasks import caching, tracking
 
-    first = json.loads((_run_dir(env) / "status" / "weave.json").read_text())
-    state = full_benchmark(preset="smoke", categories=["weave"],
-                           overrides=OVERRIDES + ["score.alpha=0.3"],
+    first = _status(env, "weave")
+    state = full_benchmark(config=_cfg("score.alpha=0.3", categories=["weave"]),
                            run_id="e2e-cache", return_state=True)
     assert state.is_completed(), state.message
     out = state.result()
@@ -242,12 +243,11 @@ def test_training_cache_survives_a_new_run(env: dict[str, Path], first_run: Any)
     assert child.data.tags["train_cached"] == "true"
     assert out["registry"]["diffad-synthetic-weave"].startswith("version 1 unchanged")
     assert len(tracking.get_client().search_model_versions("name = 'diffad-synthetic-weave'")) == 1
-    dated = caching.train_key(_cfg(), ["weave"], first["manifest_hash"], "2030-01-01")
+    dated = caching.train_key(_cfg(categories=["weave"]), ["weave"], first["manifest_hash"], "2030-01-01")
     assert dated != weave["train_key"]
     # A restored result whose checkpoint was deleted since trains again.
     shutil.rmtree(first["checkpoint_dir"])
-    state = full_benchmark(preset="smoke", categories=["weave"], overrides=OVERRIDES,
-                           run_id="e2e-cache-2", return_state=True)
+    state = full_benchmark(config=_cfg(categories=["weave"]), run_id="e2e-cache-2", return_state=True)
     assert state.is_completed(), state.message
     again = state.result()["outcomes"]["weave"]
     assert tracking.get_client().get_run(again["mlflow_run_id"]).data.tags["train_cached"] == "false"
@@ -261,9 +261,7 @@ def test_unified_mode_trains_once_and_registers_unified(env: dict[str, Path], fi
     from tasks import tracking
 
     broken_image["path"].write_bytes(broken_image["bytes"])
-    state = full_benchmark(preset="smoke", categories=CATEGORIES,
-                           overrides=[*OVERRIDES, "mode=unified"], run_id="e2e-unified",
-                           return_state=True)
+    state = full_benchmark(config=_cfg("mode=unified"), run_id="e2e-unified", return_state=True)
     assert state.is_completed(), state.message
     out = state.result()
     assert set(out["registry"]) == {"diffad-synthetic-unified"}
@@ -282,7 +280,7 @@ def test_unified_mode_trains_once_and_registers_unified(env: dict[str, Path], fi
 def test_run_id_is_stable_within_a_flow_run(prefect_harness: None) -> None:
     from prefect import flow
 
-    from tasks.pipeline import new_run_id
+    from tasks.runs import new_run_id
 
     @flow
     def ids() -> tuple[str, str, str]:

@@ -17,6 +17,13 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+class _Model(types.SimpleNamespace):
+    """The fields of model.DiffadModel that reconstruction reads."""
+
+    def class_labels(self, category: str, n: int) -> torch.Tensor | None:
+        return None
+
+
 def _normal_images(n: int, seed: int) -> torch.Tensor:
     """Striped texture with a little noise: the 'normal' product."""
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +45,7 @@ def model() -> types.SimpleNamespace:
     unet = UNet(cfg.unet, SIZE, feature_channels=8).eval()
     _, respaced = diffusion_schedules(cfg.diffusion.steps, cfg.diffusion.beta_start,
                                       cfg.diffusion.beta_end, cfg.diffusion.respacing)
-    return types.SimpleNamespace(cfg=cfg, unet=unet, feature_target=None, padim=padim,
+    return _Model(cfg=cfg, unet=unet, feature_target=None, padim=padim,
                                  schedule=respaced, class_index={"weave": 0},
                                  device=torch.device("cpu"), meta={"categories": ["weave"]})
 
@@ -122,7 +129,7 @@ def test_reconstruct_split_follows_the_order_and_limit(monkeypatch):
     prepared = SimpleNamespace(images=images, labels=np.array([0, 1, 1, 0, 1]),
                                defect_types=["good", "hole", "hole", "good", "stain"],
                                category="weave")
-    out = list(rec.reconstruct_split(SimpleNamespace(cfg=cfg), prepared, limit=3))
+    out = list(rec.reconstruct_split(SimpleNamespace(cfg=cfg), prepared, cfg.reconstruct, limit=3))
     assert [i for i, _ in out] == [1, 4, 2]
     assert calls == [(2, "weave"), (1, "weave")]
     assert torch.equal(out[0][1], torch.from_numpy(images[1]) * 0.5)

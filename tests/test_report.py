@@ -11,15 +11,18 @@ from PIL import Image
 
 from diffad_core import report as Rep
 from diffad_core import results as R
+from diffad_core.score import ScoreRecord
 
 
 def _records(n_good: int = 2, n_bad: int = 2, size: int = 32, seed: int = 0,
-             with_images: bool = True) -> list[dict]:
-    """Textured grey images; anomalous ones have a dark square that the map and mask mark."""
+             kinds: tuple[str, ...] = ("hole",)) -> tuple[list[ScoreRecord], dict, dict]:
+    """Textured grey images; anomalous ones have a dark square that the map and mask mark.
+    Returns the records, their reconstructions and their input images (by rel_path)."""
     rng = np.random.default_rng(seed)
-    out = []
+    out, recons, inputs = [], {}, {}
     for i in range(n_good + n_bad):
         label = int(i >= n_good)
+        kind = kinds[(i - n_good) % len(kinds)] if label else "good"
         img = (rng.random((size, size, 3)) * 60 + 120).astype(np.uint8)
         mask = np.zeros((size, size), np.uint8)
         amap = rng.random((size, size)).astype(np.float32) * 0.3
@@ -27,25 +30,24 @@ def _records(n_good: int = 2, n_bad: int = 2, size: int = 32, seed: int = 0,
             mask[8:16, 10:20] = 1
             img[8:16, 10:20] = 20
             amap[8:16, 10:20] += 1.0
-        rec = {"rel_path": f"cat/test/{'hole' if label else 'good'}/{i:03d}.png",
-               "defect_type": "hole" if label else "good", "label": label,
-               "image_score": float(amap.max()), "anomaly_map": amap, "kl_map": amap,
-               "feature_map": amap * 0.5, "mask": mask,
-               "ablation_scores": {"kl": float(amap.max()), "feature": float(amap.mean())}}
-        if with_images:
-            rec["input_image"] = img
-            recon = img.copy()
-            recon[8:16, 10:20] = 150
-            rec["reconstruction"] = recon
-        out.append(rec)
-    return out
+        rel = f"cat/test/{kind}/{i:03d}.png"
+        out.append(ScoreRecord(
+            rel_path=rel, defect_type=kind, label=label, image_score=float(amap.max()),
+            anomaly_map=amap, kl_map=amap, feature_map=amap * 0.5, mask=mask,
+            ablation_scores={"kl": float(amap.max()), "feature": float(amap.mean())}))
+        inputs[rel] = img
+        recons[rel] = img.copy()
+        recons[rel][8:16, 10:20] = 150
+    return out, recons, inputs
 
 
 @pytest.fixture()
 def run(tmp_path: Path) -> Path:
     run_dir = tmp_path / "results" / "run-7"
-    R.write_scores(run_dir, "bottle", _records(seed=1), "v1", alpha=0.5, alpha_source="fixed")
-    R.write_scores(run_dir, "weave", _records(seed=2, with_images=False), "v1", alpha=0.6,
+    recs, recons, inputs = _records(seed=1)
+    R.write_scores(run_dir, "bottle", recs, "v1", alpha=0.5, alpha_source="fixed",
+                   reconstructions=recons, input_images=inputs)
+    R.write_scores(run_dir, "weave", _records(seed=2)[0], "v1", alpha=0.6,
                    alpha_source="synthetic anomalies on held-out train/good")
     with pytest.warns(UserWarning, match="'cable' has no score partition"):
         R.evaluate_run(run_dir, {"bottle": {"train_seconds": 12.5, "score_ms_per_image": 3.25,
@@ -84,8 +86,12 @@ def test_report_mvtec(run: Path, tmp_path: Path) -> None:
     fig = out["figures"]["bottle"]
     with Image.open(fig) as im:
         arr = np.asarray(im.convert("RGB"))
-    # 3 rows (2 anomalous first, then one normal) x 4 panels (input, gt, overlay, reconstruction)
-    assert arr.shape[0] == 3 * (160 + 16) + 2 * 4 and arr.shape[1] == 4 * 160 + 3 * 4
+    # 3 rows (2 anomalous first, then one normal) x 4 panels (input, gt, overlay, reconstruction),
+    # then the weakest normal image if it is not the one shown (the weak anomalous ones are)
+    weak = R.weakest_images(run, "bottle", n_anomalous=2, n_good=1)
+    n_rows = 3 + int(weak["rel_path"].iloc[-1] != "cat/test/good/000.png")
+    assert arr.shape[0] == n_rows * (160 + 16) + (n_rows - 1) * 4
+    assert arr.shape[1] == 4 * 160 + 3 * 4
     gt_panel = arr[:160, 164:324]
     assert gt_panel.max() == 255 and gt_panel.min() == 0  # white defect on black
     overlay = arr[:160, 328:488].astype(int)
@@ -108,10 +114,10 @@ def test_report_synthetic_has_honest_note(run: Path, tmp_path: Path) -> None:
 
 def test_report_loads_inputs_from_data_root(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
-    recs = _records(1, 1, with_images=False)
+    recs = _records(1, 1)[0]
     root = tmp_path / "data"
     for r in recs:
-        p = root / r["rel_path"]
+        p = root / r.rel_path
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((64, 64, 3), (0, 200, 0), np.uint8)).save(p)
     R.write_scores(run_dir, "cat", recs, "v")
@@ -136,3 +142,38 @@ def test_metrics_markdown_table(run: Path) -> None:
     cable = next(line for line in lines if line.startswith("| cable |"))
     assert "n/a" in cable and "missing partition" in cable
     assert len(lines) == 2 + 4
+
+
+def test_failure_modes_and_weakest_images(tmp_path: Path) -> None:
+    """Two defect kinds, one found and one missed: the failure-mode table shows which, and the
+    figure adds the weakest images after the first ones."""
+    run_dir = tmp_path / "r"
+    recs, recons, inputs = _records(n_good=3, n_bad=6, kinds=("hole", "crack"))
+    for r in recs:
+        if r.defect_type == "crack":  # the map misses cracks
+            r.anomaly_map = np.random.default_rng(int(r.rel_path[-7:-4])).random((32, 32)).astype(
+                np.float32) * 0.3
+            r.image_score = float(r.anomaly_map.max())
+    R.write_scores(run_dir, "cat", recs, "v", reconstructions=recons, input_images=inputs)
+    R.evaluate_run(run_dir)
+    out = Rep.build_report(run_dir, tmp_path / "o", dataset="synthetic", figures_per_category=1)
+    md = out["markdown"].read_text()
+    assert "## Failure modes per defect kind" in md
+    crack = next(line for line in md.splitlines() if line.startswith("| cat | crack |"))
+    hole = next(line for line in md.splitlines() if line.startswith("| cat | hole |"))
+    assert crack.split("|")[3].strip() == "3" and crack.split("|")[4].strip() == "3"
+    assert float(hole.split("|")[5]) > 95.0 > 70.0 > float(crack.split("|")[5])
+    # weakest: 2 missed cracks + the top normal image, none of them the first (a hole)
+    weak = R.weakest_images(run_dir, "cat", n_anomalous=2, n_good=1)
+    assert set(weak["defect_type"]) == {"crack", "good"}
+    assert "Weakest images:" in md and all(p in md for p in weak["rel_path"])
+    with Image.open(out["figures"]["cat"]) as im:
+        assert im.size[1] == 4 * (160 + 16) + 3 * 4  # 1 first image + 3 weakest
+    assert "Failure modes per defect kind" in out["html"].read_text()
+
+
+def test_report_on_a_run_without_defect_metrics_file(run: Path, tmp_path: Path) -> None:
+    """Runs evaluated before defect_metrics.parquet existed: the table is computed."""
+    R.defect_metrics_path(run).unlink()
+    md = Rep.build_report(run, tmp_path / "o", dataset="mvtec")["markdown"].read_text()
+    assert "| bottle | hole | 2 | 2 |" in md and "| weave | hole |" in md

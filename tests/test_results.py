@@ -1,11 +1,11 @@
-"""Parquet results: schema, round trips, atomic partition replacement, evaluation from parquet."""
+"""Score partitions: schema, round trips, plain pandas reads, atomic replacement, migration."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,71 +14,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
 from diffad_core import results as R
-
-
-@dataclass
-class _Rec:
-    rel_path: str
-    defect_type: str
-    label: int
-    image_score: float
-    anomaly_map: np.ndarray
-    kl_map: np.ndarray | None
-    feature_map: np.ndarray | None
-    mask: np.ndarray
-    alpha: float = 0.5
-    ablation_scores: dict[str, float] = field(default_factory=dict)
-    ablation_maps: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def _records(category: str, n_good: int = 3, n_bad: int = 3, size: int = 8, seed: int = 0,
-             as_dict: bool = False) -> list:
-    """Tiny records: anomalous images have a 3x3 defect that the map highlights (noisily)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n_good + n_bad):
-        label = int(i >= n_good)
-        mask = np.zeros((size, size), np.uint8)
-        amap = rng.random((size, size)).astype(np.float32)
-        if label:
-            r, c = rng.integers(0, size - 3, 2)
-            mask[r:r + 3, c:c + 3] = 1
-            amap[r:r + 3, c:c + 3] += 0.7
-        kw = dict(
-            rel_path=f"{category}/test/{'bad' if label else 'good'}/{i:03d}.png",
-            defect_type="bad" if label else "good", label=label,
-            image_score=float(np.sort(amap.ravel())[-4:].mean()), anomaly_map=amap,
-            kl_map=amap * 2.0, feature_map=rng.random((size, size)).astype(np.float32), mask=mask,
-            ablation_scores={"kl": float(amap.max()), "rgb": float(rng.random())},
-            ablation_maps={"rgb": rng.random((size, size)).astype(np.float32)},
-        )
-        out.append(kw if as_dict else _Rec(**kw))
-    return out
+from diffad_core.results import storage
+from diffad_core.score import ABLATIONS, ScoreRecord
+from tests.results_helpers import make_records
 
 
 def test_round_trip_schema_and_decoding(tmp_path: Path) -> None:
     run = tmp_path / "results" / "run-1"
-    recs = _records("bottle")
-    recs[0].ablation_maps["padim"] = np.ones((8, 8), np.float32)
+    recs = make_records("bottle")
+    for r in recs:  # padim for every image, or the column is not stored
+        r.ablation_maps["padim"] = np.ones((8, 8), np.float32)
     recs[0].ablation_scores["padim"] = 1.5
     paths = R.write_scores(run, "bottle", recs, "v3", rows_per_part=4)
     assert [p.name for p in paths] == ["part-00000.parquet", "part-00001.parquet"]
     assert paths[0].parent == run / "scores" / "category=bottle"
     schema = pq.read_schema(paths[0])
     assert schema.field("label").type == pa.int8()
-    assert schema.field("anomaly_map").type == pa.binary()
-    assert schema.field("image_score").type == pa.float64()
+    assert schema.field("anomaly_map").type == R.map_type(8, 8)
+    assert schema.field("mask").type == R.map_type(8, 8, pa.uint8())
+    stored = ("kl_map", "feature_map", "rgb_map", "padim_map")
+    assert schema.remove_metadata() == R.score_schema(8, 8, maps=stored)
+    assert R.validate_score_file(paths[0]).names == schema.names
 
     df = R.read_scores(run)
-    assert len(df) == 6
+    assert len(df) == 6 and df.columns[0] == "category" and set(df["category"]) == {"bottle"}
     assert set(df["run_id"]) == {"run-1"} and set(df["model_version"]) == {"v3"}
     assert df["label"].tolist() == [0, 0, 0, 1, 1, 1]
-    assert df.loc[0, "image_path"] == "bottle/test/good/000.png"
+    assert df.loc[0, "rel_path"] == "bottle/test/good/000.png"
     assert df["score_kl"].notna().all() and df["score_feature"].isna().all()
     assert df.loc[0, "score_padim"] == 1.5 and math.isnan(df.loc[1, "score_padim"])
+    assert df.loc[0, "anomaly_map"].shape == (8, 8)
 
     rows = list(R.iter_maps(run, maps=("anomaly_map", "kl_map", "mask", "rgb_map", "padim_map")))
     for rec, row in zip(recs, rows):
@@ -86,37 +53,93 @@ def test_round_trip_schema_and_decoding(tmp_path: Path) -> None:
         np.testing.assert_allclose(row["kl_map"], rec.kl_map, rtol=1e-3, atol=1e-3)
         np.testing.assert_array_equal(row["mask"], rec.mask)
         assert row["mask"].dtype == np.uint8 and row["anomaly_map"].dtype == np.float32
-    assert rows[0]["padim_map"] is not None and rows[1]["padim_map"] is None
+        assert row["category"] == "bottle" and row["rel_path"] == rec.rel_path
+    assert rows[0]["padim_map"] is not None
     assert R.read_score_metadata(run, "bottle")["alpha"] == 0.5
+    assert R.read_score_metadata(run, "bottle")["format_version"] == R.FORMAT_VERSION
 
 
-def test_dict_records_png_and_column_subset(tmp_path: Path) -> None:
-    recs = _records("grid", n_good=1, n_bad=1, as_dict=True)
-    recon = np.random.default_rng(1).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    recs[1]["reconstruction"] = recon
-    R.write_scores(tmp_path, "grid", recs, "v1", alpha=0.3, alpha_source="fixed", preset="smoke")
-    df = R.read_scores(tmp_path, columns=["image_path", "reconstruction"])
-    assert list(df.columns) == ["image_path", "reconstruction"]
+def test_written_partition_reads_without_diffad(tmp_path: Path) -> None:
+    """Plain pyarrow and pandas read a partition; numpy alone turns a cell into the map."""
+    recs = make_records("grid", n_good=1, n_bad=2, size=6)
+    recon = np.random.default_rng(1).integers(0, 255, (6, 6, 3), dtype=np.uint8)
+    R.write_scores(tmp_path, "grid", recs, "v1", reconstructions={recs[2].rel_path: recon})
+    R.write_scores(tmp_path, "tile", make_records("tile", 1, 1, size=6), "v1")
+    part = tmp_path / "scores" / "category=grid" / "part-00000.parquet"
+
+    table = pq.read_table(part)
+    h, w = table.column("map_height")[0].as_py(), table.column("map_width")[0].as_py()
+    stack = table.column("anomaly_map").combine_chunks().to_numpy_ndarray()  # the type has H, W
+    assert stack.shape == (3, h, w) and stack.dtype == np.float16
+    np.testing.assert_array_equal(stack[1], recs[1].anomaly_map.astype(np.float16))
+
+    df = pd.read_parquet(part)
+    cell = df.loc[2, "anomaly_map"]
+    assert isinstance(cell, np.ndarray) and cell.dtype == np.float16
+    np.testing.assert_array_equal(np.reshape(cell, (h, w)), recs[2].anomaly_map.astype(np.float16))
+    np.testing.assert_array_equal(np.reshape(df.loc[2, "mask"], (h, w)), recs[2].mask)
+    np.testing.assert_array_equal(np.reshape(df.loc[2, "reconstruction"], (h, w, 3)), recon)
     assert df.loc[0, "reconstruction"] is None
-    with Image.open(io.BytesIO(df.loc[1, "reconstruction"])) as im:
-        np.testing.assert_array_equal(np.asarray(im), recon)
+
+    # the hive layout: pandas on the scores folder adds the category from the folder names
+    every = pd.read_parquet(tmp_path / "scores")
+    assert sorted(every["category"].astype(str).unique()) == ["grid", "tile"] and len(every) == 5
+    assert R.scores_dataset(tmp_path).to_table().num_rows == 5
+
+
+def test_images_and_metadata(tmp_path: Path) -> None:
+    recs = make_records("grid", n_good=1, n_bad=1)
+    recon = np.random.default_rng(1).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    inp = np.full((8, 8, 3), 7, np.uint8)
+    R.write_scores(tmp_path, "grid", recs, "v1", reconstructions={recs[1].rel_path: recon},
+                   input_images={recs[1].rel_path: inp}, alpha=0.3, alpha_source="fixed",
+                   preset="smoke")
+    df = R.read_scores(tmp_path, columns=["rel_path", "reconstruction"])
+    assert list(df.columns) == ["rel_path", "reconstruction"]
+    assert df.loc[0, "reconstruction"] is None
+    np.testing.assert_array_equal(df.loc[1, "reconstruction"], recon)
+    row = list(R.iter_maps(tmp_path, maps=("input_image",)))[1]
+    np.testing.assert_array_equal(row["input_image"], inp)
     meta = R.read_score_metadata(tmp_path, "grid")
     assert (meta["alpha"], meta["alpha_source"], meta["preset"]) == (0.3, "fixed", "smoke")
+    part = next((tmp_path / "scores" / "category=grid").iterdir())
+    meta = json.loads(pq.read_schema(part).metadata[R.SCORE_METADATA_KEY])
+    assert meta["model_version"] == "v1" and meta["category"] == "grid" and meta["map_shape"] == [8, 8]
 
 
-def test_mask_packing_odd_size() -> None:
-    m = (np.random.default_rng(0).random((5, 7)) > 0.5).astype(np.uint8)
-    blob = R.encode_mask(m)
-    assert len(blob) == math.ceil(35 / 8)
-    np.testing.assert_array_equal(R.decode_mask(blob, 5, 7), m)
-    with pytest.raises(R.ResultsSchemaError):
-        R.decode_mask(blob, 8, 8)
+def test_typed_input_only(tmp_path: Path) -> None:
+    rec = make_records("x", 1, 0)[0]
+    with pytest.raises(TypeError, match="ScoreRecord"):
+        R.write_scores(tmp_path, "x", [vars(rec)], "v")
+    with pytest.raises(ValueError, match="label"):
+        R.write_scores(tmp_path, "x", [ScoreRecord(**{**vars(rec), "label": 2})], "v")
+    with pytest.raises(ValueError, match="differs from the anomaly map"):
+        R.write_scores(tmp_path, "x", [ScoreRecord(**{**vars(rec), "mask": np.zeros((4, 4))})], "v")
+    with pytest.raises(ValueError, match="unknown ablation scorer"):
+        R.write_scores(tmp_path, "x", [ScoreRecord(**{**vars(rec), "ablation_scores": {"s": 1.0}})],
+                       "v")
+    with pytest.raises(ValueError, match=r"uint8 \(8, 8, 3\)"):
+        R.write_scores(tmp_path, "x", [rec], "v",
+                       reconstructions={rec.rel_path: np.zeros((8, 8, 3), np.float32)})
+    with pytest.raises(ValueError, match="no record has"):
+        R.write_scores(tmp_path, "x", [rec], "v", input_images={"elsewhere.png": np.zeros(
+            (8, 8, 3), np.uint8)})
+    other = make_records("x", 1, 0, size=6)[0]
+    with pytest.raises(ValueError, match="differs from the anomaly map"):
+        R.write_scores(tmp_path, "x", [rec, other], "v")
+    no_rgb = ScoreRecord(**{**vars(rec), "rel_path": "y.png", "ablation_maps": {}})
+    with pytest.raises(ValueError, match=r"\['rgb_map'\] given for some images"):
+        R.write_scores(tmp_path, "x", [rec, no_rgb], "v")
+    with pytest.raises(ValueError, match="invalid category"):
+        R.write_scores(tmp_path, "../evil", [rec], "v")
+    assert R.list_categories_in_run(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == []  # no staging left
 
 
 def test_rerun_replaces_partition(tmp_path: Path) -> None:
-    R.write_scores(tmp_path, "wood", _records("wood", 4, 4), "v1", rows_per_part=2)
+    R.write_scores(tmp_path, "wood", make_records("wood", 4, 4), "v1", rows_per_part=2)
     assert len(list((tmp_path / "scores" / "category=wood").iterdir())) == 4
-    R.write_scores(tmp_path, "wood", _records("wood", 1, 1), "v2", rows_per_part=2)
+    R.write_scores(tmp_path, "wood", make_records("wood", 1, 1), "v2", rows_per_part=2)
     files = sorted(p.name for p in (tmp_path / "scores").rglob("*") if p.is_file())
     assert files == ["part-00000.parquet"]  # one generation, no temp dirs left
     assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["category=wood"]
@@ -124,45 +147,95 @@ def test_rerun_replaces_partition(tmp_path: Path) -> None:
     assert len(df) == 2 and set(df["model_version"]) == {"v2"}
 
 
-def test_failed_write_keeps_old_partition(tmp_path: Path) -> None:
-    R.write_scores(tmp_path, "tile", _records("tile", 1, 1), "v1")
+def _only_old_partition(run: Path) -> None:
+    df = R.read_scores(run)
+    assert len(df) == 2 and set(df["model_version"]) == {"v1"}
+    assert sorted(p.name for p in (run / "scores").iterdir()) == ["category=tile"]
+
+
+def test_failed_record_stream_keeps_old_partition(tmp_path: Path) -> None:
+    R.write_scores(tmp_path, "tile", make_records("tile", 1, 1), "v1")
 
     def broken():
-        yield from _records("tile", 2, 2)
+        yield from make_records("tile", 2, 2)
         raise RuntimeError("scorer crashed")
 
     with pytest.raises(RuntimeError, match="scorer crashed"):
         R.write_scores(tmp_path, "tile", broken(), "v2", rows_per_part=1)
-    df = R.read_scores(tmp_path)
-    assert len(df) == 2 and set(df["model_version"]) == {"v1"}
-    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["category=tile"]
+    _only_old_partition(tmp_path)
 
 
-def test_bad_records_are_rejected(tmp_path: Path) -> None:
-    rec = _records("x", 1, 0, as_dict=True)[0]
-    with pytest.raises(ValueError, match="label"):
-        R.write_scores(tmp_path, "x", [dict(rec, label=2)], "v")
-    with pytest.raises(ValueError, match="differs from the anomaly map"):
-        R.write_scores(tmp_path, "x", [dict(rec, mask=np.zeros((4, 4), np.uint8))], "v")
-    with pytest.raises(ValueError, match="invalid category"):
-        R.write_scores(tmp_path, "../evil", [rec], "v")
-    assert R.list_categories_in_run(tmp_path) == []
+def test_failed_part_write_keeps_old_partition(tmp_path: Path, monkeypatch) -> None:
+    """The disk fills up while the third part file is being written."""
+    R.write_scores(tmp_path, "tile", make_records("tile", 1, 1), "v1")
+    real = pq.write_table
+    calls = []
+
+    def failing(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 3:
+            Path(where).write_bytes(b"PAR1 half a file")
+            raise OSError("No space left on device")
+        real(table, where, **kw)
+
+    monkeypatch.setattr(storage.pq, "write_table", failing)
+    with pytest.raises(OSError, match="No space"):
+        R.write_scores(tmp_path, "tile", make_records("tile", 3, 3), "v2", rows_per_part=2)
+    monkeypatch.undo()
+    _only_old_partition(tmp_path)
+
+
+def test_failed_swap_puts_old_partition_back(tmp_path: Path, monkeypatch) -> None:
+    R.write_scores(tmp_path, "tile", make_records("tile", 1, 1), "v1")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".tmp-category="):
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", failing)
+    with pytest.raises(OSError, match="rename failed"):
+        R.write_scores(tmp_path, "tile", make_records("tile", 2, 2), "v2")
+    monkeypatch.undo()
+    _only_old_partition(tmp_path)
+
+
+def test_crash_between_renames_is_recovered(tmp_path: Path) -> None:
+    """A process killed after moving the old generation aside, before the new one was renamed
+    in: the next write puts the old one back first, so a failing write still leaves it."""
+    R.write_scores(tmp_path, "tile", make_records("tile", 1, 1), "v1")
+    final = R.partition_dir(tmp_path, "tile")
+    os.replace(final, final.parent / ".old-category=tile-deadbeef")
+    (final.parent / ".tmp-category=tile-cafe").mkdir()  # the killed writer's staging folder
+
+    def broken():
+        raise RuntimeError("again")
+        yield
+
+    with pytest.raises(RuntimeError):
+        R.write_scores(tmp_path, "tile", broken(), "v2")
+    assert sorted(p.name for p in final.parent.iterdir()) == [".tmp-category=tile-cafe",
+                                                               "category=tile"]
+    R.write_scores(tmp_path, "tile", make_records("tile", 1, 1), "v3")
+    assert sorted(p.name for p in final.parent.iterdir()) == ["category=tile"]
 
 
 def test_wrong_schema_names_file_and_column(tmp_path: Path) -> None:
-    R.write_scores(tmp_path, "pill", _records("pill", 1, 1), "v")
+    R.write_scores(tmp_path, "pill", make_records("pill", 1, 1), "v")
     part = tmp_path / "scores" / "category=pill" / "part-00000.parquet"
-    table = pq.read_table(part).drop(["image_score"])
-    pq.write_table(table, part)
+    original = pq.read_table(part)
+    pq.write_table(original.drop(["image_score"]), part)
     with pytest.raises(R.ResultsSchemaError, match=r"part-00000\.parquet.*'image_score'"):
         R.read_scores(tmp_path)
-    table = pq.read_table(part).set_column(
-        4, "label", pa.array(["0", "1"]))  # label as strings
-    pq.write_table(table, part)
+    idx = original.schema.get_field_index("label")
+    pq.write_table(original.set_column(idx, "label", pa.array(["0", "1"])), part)
     with pytest.raises(R.ResultsSchemaError, match="'label' has type string"):
         R.read_scores(tmp_path, columns=["label"])
     with pytest.raises(FileNotFoundError, match="screw"):
         R.read_scores(tmp_path, categories=["screw"])
+    with pytest.raises(ValueError, match="unknown score column"):
+        R.read_scores(tmp_path, columns=["image_path"])
 
 
 def test_empty_category_and_empty_run(tmp_path: Path) -> None:
@@ -170,117 +243,144 @@ def test_empty_category_and_empty_run(tmp_path: Path) -> None:
     assert R.list_categories_in_run(tmp_path) == ["empty"]
     assert len(R.read_scores(tmp_path)) == 0
     assert len(R.read_scores(tmp_path / "nothing")) == 0
+    assert len(R.read_category(tmp_path, "empty").labels) == 0
 
 
-def test_evaluate_run_from_parquet(tmp_path: Path) -> None:
-    R.write_scores(tmp_path, "a", _records("a", seed=1), "v1", alpha=0.5, alpha_source="fixed",
-                   preset="smoke")
-    R.write_scores(tmp_path, "b", _records("b", seed=2), "v1", alpha=0.7,
-                   alpha_source="synthetic", preset="smoke")
-    timings = {"a": {"train_seconds": 10.0, "score_ms_per_image": 4.0},
-               "b": {"train_seconds": 20.0, "score_ms_per_image": 6.0}}
-    with pytest.warns(UserWarning, match="'c' has no score partition"):
-        df = R.evaluate_run(tmp_path, timings, categories=["a", "b", "c"])
-    assert df["category"].tolist() == ["a", "b", "c", "mean"]
-    # pixel AUROC equals sklearn's on the float16 maps read back
-    rows = list(R.iter_maps(tmp_path, ["a"]))
-    maps = np.stack([r["anomaly_map"] for r in rows])
-    masks = np.stack([r["mask"] for r in rows])
-    expect = roc_auc_score(masks.ravel(), maps.ravel())
-    assert df.loc[0, "pixel_auroc"] == pytest.approx(expect, abs=1e-12)
-    img = roc_auc_score([r["label"] for r in rows], [r["image_score"] for r in rows])
-    assert df.loc[0, "image_auroc"] == pytest.approx(img)
-    assert 0.0 <= df.loc[0, "pro"] <= 1.0
-    assert df.loc[1, "alpha"] == 0.7 and df.loc[1, "alpha_source"] == "synthetic"
-    assert df.loc[2, "status"] == "missing partition" and math.isnan(df.loc[2, "pixel_auroc"])
-    mean = df.iloc[3]
-    assert mean["pixel_auroc"] == pytest.approx(df.loc[:1, "pixel_auroc"].mean())
-    assert mean["train_seconds"] == pytest.approx(15.0)
-    assert mean["n_test"] == 12 and mean["status"] == "mean of 2 of 3 categories"
-    # ablations: kl map + score present, rgb map + score present, padim absent
-    assert "pixel_auroc_kl" in df.columns and "image_auroc_rgb" in df.columns
-    assert "pixel_auroc_padim" not in df.columns
-    # kl_map = 2 * anomaly_map: a monotone transform keeps AUROC (up to float16 ties)
-    assert df.loc[0, "pixel_auroc_kl"] == pytest.approx(df.loc[0, "pixel_auroc"], abs=0.01)
-
-    back = R.read_metrics(tmp_path)
-    pd.testing.assert_frame_equal(back.reset_index(drop=True), df.reset_index(drop=True),
-                                  check_dtype=False)
-
-
-def test_evaluate_single_class_gives_nan_not_crash(tmp_path: Path) -> None:
-    R.write_scores(tmp_path, "good_only", _records("g", n_good=2, n_bad=0), "v")
-    with pytest.warns(UserWarning, match="undefined"):
-        df = R.evaluate_run(tmp_path, write=False)
-    assert math.isnan(df.loc[0, "pixel_auroc"]) and math.isnan(df.loc[0, "image_auroc"])
-    assert not R.metrics_path(tmp_path).exists()
-
-
-def test_metrics_schema_validation(tmp_path: Path) -> None:
-    with pytest.raises(R.ResultsSchemaError, match="unknown column"):
-        R.write_metrics(tmp_path, pd.DataFrame({"category": ["a"], "bogus": [1]}))
-    pq.write_table(pa.table({"category": ["a"], "pixel_auroc": ["high"]}), R.metrics_path(tmp_path))
-    with pytest.raises(R.ResultsSchemaError, match=r"metrics\.parquet.*'pixel_auroc'"):
-        R.read_metrics(tmp_path)
-    with pytest.raises(FileNotFoundError):
-        R.read_metrics(tmp_path / "none")
-
-
-def test_metadata_is_json(tmp_path: Path) -> None:
-    R.write_scores(tmp_path, "m", _records("m", 1, 1), "v9")
-    part = next((tmp_path / "scores" / "category=m").iterdir())
-    meta = json.loads(pq.read_schema(part).metadata[R.SCORE_METADATA_KEY])
-    assert meta["model_version"] == "v9" and meta["category"] == "m"
-
-
-def test_real_score_record_and_flow_dicts(tmp_path: Path) -> None:
-    """The scorer's own ScoreRecord (ablation dicts) and its vars() plus a reconstruction."""
-    from diffad_core.score import ScoreRecord
-
+def test_real_score_record_ablation_dicts(tmp_path: Path) -> None:
+    """kl and feature maps come from their own fields; rgb and padim from ablation_maps."""
     rng = np.random.default_rng(3)
     amap = rng.random((6, 6)).astype(np.float32)
     mask = np.zeros((6, 6), np.uint8)
     mask[1:3, 1:3] = 1
     rec = ScoreRecord(rel_path="c/test/crack/000.png", defect_type="crack", label=1,
-                      image_score=0.9, anomaly_map=amap, kl_map=amap, feature_map=amap, mask=mask,
-                      category="c", alpha=0.4, ablation_scores={"rgb": 0.2, "padim": 3.0},
-                      ablation_maps={"rgb": amap * 3, "padim": amap + 1})
-    row = dict(vars(rec), reconstruction=np.zeros((6, 6, 3), np.uint8))
-    R.write_scores(tmp_path, "c", [rec, dict(row, rel_path="c/test/crack/001.png")], "v1")
+                      image_score=0.9, anomaly_map=amap, kl_map=amap, feature_map=amap * 0.5,
+                      mask=mask, category="c", alpha=0.4,
+                      ablation_scores={a: 0.2 for a in ABLATIONS},
+                      ablation_maps={"kl": amap, "feature": amap * 0.5, "rgb": amap * 3,
+                                     "padim": amap + 1})
+    R.write_scores(tmp_path, "c", [rec], "v1")
     df = R.read_scores(tmp_path)
-    assert df["score_rgb"].tolist() == [0.2, 0.2] and df["score_padim"].tolist() == [3.0, 3.0]
-    assert df.loc[0, "reconstruction"] is None and df.loc[1, "reconstruction"] is not None
-    got = next(R.iter_maps(tmp_path, maps=("padim_map",)))["padim_map"]
-    np.testing.assert_allclose(got, amap + 1, atol=1e-3)
+    assert df.loc[0, "score_rgb"] == 0.2 and df.loc[0, "score_padim"] == 0.2
+    row = next(R.iter_maps(tmp_path, maps=R.MAP_COLUMNS))
+    np.testing.assert_allclose(row["padim_map"], amap + 1, atol=1e-2)
+    np.testing.assert_allclose(row["feature_map"], amap * 0.5, atol=1e-3)
     assert R.read_score_metadata(tmp_path, "c")["alpha"] == 0.4
 
 
-def test_evaluate_golden_numbers(tmp_path: Path) -> None:
-    """Hand-computed: one defect pixel scoring 0.5 against 7 normal pixels
-    (0.75, 0.25, 0, 0, 0.125, 0.25, 0.5): AUROC = (5 + 0.5 tie) / 7."""
-    bad = {"rel_path": "b.png", "defect_type": "d", "label": 1, "image_score": 0.9,
-           "anomaly_map": np.array([[0.5, 0.75], [0.25, 0.0]], np.float32),
-           "kl_map": None, "feature_map": None, "mask": np.array([[1, 0], [0, 0]], np.uint8)}
-    good = {"rel_path": "g.png", "defect_type": "good", "label": 0, "image_score": 0.1,
-            "anomaly_map": np.array([[0.0, 0.125], [0.25, 0.5]], np.float32),
-            "kl_map": None, "feature_map": None, "mask": None}
-    R.write_scores(tmp_path, "gold", [bad, good], "v")
-    df = R.evaluate_run(tmp_path)
-    assert df.loc[0, "pixel_auroc"] == pytest.approx(5.5 / 7, abs=1e-12)
-    assert df.loc[0, "image_auroc"] == 1.0 and df.loc[0, "n_test"] == 2
-    assert df.loc[0, "status"] == "ok"
-    assert not any(c.endswith("_kl") for c in df.columns)
+# ----------------------------------------------------------------------------- the old format
+def _write_old_format_partition(run: Path, category: str, recs: list[ScoreRecord],
+                                reconstruction: np.ndarray) -> None:
+    """A partition exactly as the results code before format 2 wrote it: maps as float16 bytes,
+    the mask as numpy.packbits (None for normal images), images as PNG bytes."""
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    binary = ["anomaly_map", "kl_map", "feature_map", "rgb_map", "padim_map", "mask",
+              "reconstruction", "input_png"]
+    schema = pa.schema(
+        [("run_id", pa.string()), ("category", pa.string()), ("image_path", pa.string()),
+         ("defect_type", pa.string()), ("label", pa.int8()), ("image_score", pa.float64()),
+         ("map_height", pa.int32()), ("map_width", pa.int32())]
+        + [(c, pa.binary()) for c in binary]
+        + [(f"score_{a}", pa.float64()) for a in ABLATIONS] + [("model_version", pa.string())])
+    rows = []
+    for i, r in enumerate(recs):
+        rows.append({
+            "run_id": run.name, "category": category, "image_path": r.rel_path,
+            "defect_type": r.defect_type, "label": r.label, "image_score": r.image_score,
+            "map_height": 8, "map_width": 8,
+            "anomaly_map": r.anomaly_map.astype(np.float16).tobytes(),
+            "kl_map": r.kl_map.astype(np.float16).tobytes(),
+            "feature_map": r.feature_map.astype(np.float16).tobytes(),
+            "rgb_map": r.ablation_maps["rgb"].astype(np.float16).tobytes(), "padim_map": None,
+            "mask": np.packbits(r.mask.ravel()).tobytes() if r.label else None,
+            "reconstruction": png(reconstruction) if i == len(recs) - 1 else None,
+            "input_png": None,
+            **{f"score_{a}": r.ablation_scores.get(a) for a in ABLATIONS},
+            "model_version": "old-v1",
+        })
+    meta = {b"diffad": json.dumps({"run_id": run.name, "category": category,
+                                   "model_version": "old-v1", "alpha": 0.6,
+                                   "alpha_source": "config", "preset": "paper"}).encode()}
+    table = pa.Table.from_pylist(rows, schema=schema.with_metadata(meta))
+    part = run / "scores" / f"category={category}" / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(table, part)
 
 
-def test_reevaluation_keeps_timings_and_reports_lost_partitions(tmp_path: Path) -> None:
-    R.write_scores(tmp_path, "a", _records("a"), "v")
-    R.write_scores(tmp_path, "b", _records("b"), "v")
-    R.evaluate_run(tmp_path, {"a": {"train_seconds": 7.0}, "b": {"train_seconds": 9.0}})
-    import shutil
+def test_migrate_old_format_run(tmp_path: Path) -> None:
+    run = tmp_path / "results" / "old-run"
+    recs = make_records("wood", 2, 3)
+    recon = np.random.default_rng(5).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    _write_old_format_partition(run, "wood", recs, recon)
+    with pytest.raises(R.ResultsSchemaError, match="migrate_run"):
+        R.read_scores(run)
+    assert R.is_legacy_partition(run, "wood")
 
-    shutil.rmtree(R.partition_dir(tmp_path, "b"))
-    with pytest.warns(UserWarning, match="'b' has no score partition"):
-        df = R.evaluate_run(tmp_path)  # no timings given: the earlier ones are kept
-    assert df["category"].tolist() == ["a", "b", "mean"]
-    assert df.loc[0, "train_seconds"] == 7.0 and df.loc[1, "status"] == "missing partition"
-    assert R.read_metrics(tmp_path).loc[0, "train_seconds"] == 7.0
+    assert R.migrate_run(run) == ["wood"]
+    assert R.migrate_run(run) == []  # already converted
+    assert not R.is_legacy_partition(run, "wood")
+    df = R.read_scores(run)
+    assert df["rel_path"].tolist() == [r.rel_path for r in recs]
+    assert set(df["model_version"]) == {"old-v1"} and set(df["run_id"]) == {"old-run"}
+    assert df["padim_map"].isna().all()  # the old partition had no padim maps
+    np.testing.assert_array_equal(df.loc[4, "reconstruction"], recon)
+    for rec, row in zip(recs, R.iter_maps(run, maps=("anomaly_map", "rgb_map", "mask"))):
+        np.testing.assert_array_equal(row["anomaly_map"], rec.anomaly_map.astype(np.float16))
+        np.testing.assert_array_equal(row["mask"], rec.mask)  # None for normal -> zeros
+    meta = R.read_score_metadata(run, "wood")
+    assert (meta["alpha"], meta["preset"], meta["migrated_from_format"]) == (0.6, "paper", 1)
+    assert R.evaluate_run(run, write=False).loc[0, "status"] == "ok"
+
+
+def test_migrate_without_ground_truth_drops_the_mask(tmp_path: Path) -> None:
+    run = tmp_path / "old"
+    recs = make_records("wood", 1, 2)
+    _write_old_format_partition(run, "wood", recs, np.zeros((8, 8, 3), np.uint8))
+    table = pq.read_table(run / "scores" / "category=wood" / "part-00000.parquet")
+    idx = table.schema.get_field_index("mask")
+    table = table.set_column(idx, table.schema.field(idx), pa.nulls(3, pa.binary()))
+    pq.write_table(table, run / "scores" / "category=wood" / "part-00000.parquet")
+    with pytest.warns(UserWarning, match="mask is missing for 2 of 3"):
+        R.migrate_run(run)
+    assert R.read_category(run, "wood").mask is None
+    df = R.evaluate_run(run, write=False)
+    assert df.loc[0, "status"] == R.NO_GROUND_TRUTH and math.isnan(df.loc[0, "pixel_auroc"])
+
+
+def test_runs_with_other_scorers_stay_readable(tmp_path: Path) -> None:
+    """A partition written when score.ABLATIONS had other scorers: missing score/map columns
+    read as null, unknown ones are ignored."""
+    R.write_scores(tmp_path, "old", make_records("old", 2, 2), "v")
+    part = R.part_files(tmp_path, "old")[0]
+    table = pq.read_table(part).drop(["score_padim", "rgb_map"])
+    table = table.append_column("score_retired", pa.array([1.0] * 4))
+    pq.write_table(table, part)
+    df = R.read_scores(tmp_path)
+    assert df["score_padim"].isna().all() and df["rgb_map"].isna().all()
+    assert "score_retired" not in df.columns
+    data = R.read_category(tmp_path, "old")
+    assert "rgb_map" not in data.maps and "padim" not in data.ablation_scores
+    assert "kl" in data.ablation_scores
+    assert R.evaluate_run(tmp_path, write=False).loc[0, "status"] == "ok"
+
+
+def test_float16_overflow_is_an_error(tmp_path: Path) -> None:
+    rec = make_records("x", 1, 0)[0]
+    rec.feature_map = rec.feature_map * 1e6
+    with pytest.raises(ValueError, match="feature_map: values up to .* overflow float16"):
+        R.write_scores(tmp_path, "x", [rec], "v")
+    assert R.list_categories_in_run(tmp_path) == []
+
+
+def test_reading_and_report_do_not_import_torch() -> None:
+    """Rebuilding a report or re-evaluating a run needs no model code (write_scores imports
+    ScoreRecord, and with it torch, only when called)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffad_core.results, diffad_core.report; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

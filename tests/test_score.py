@@ -1,24 +1,30 @@
-"""Anomaly scoring (METHOD.md §3, Eq. 11) and the "Ours*" alpha choice."""
+"""Anomaly scoring (METHOD.md §3, Eq. 11): shapes, determinism, the official computation of
+the ``paper`` settings against an independent reference, the variants and calibration."""
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from diffad_core import score
 from diffad_core.config import load_config
 from diffad_core.diffusion import diffusion_schedules
 from diffad_core.score import (
+    ComponentMaps,
+    MapCalibration,
     ScoreRecord,
     _normalise_per_image,
+    anomaly_map,
+    component_maps,
     default_top_k,
+    image_scores,
     score_batch,
     score_split,
-    synthesize_anomalies,
     top_k_mean,
 )
 
@@ -28,12 +34,19 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _smoke_model(seed: int = 0, **score_overrides: object) -> types.SimpleNamespace:
-    """A deterministic, untrained smoke-size DiffadModel (same fields as train.load_model's)."""
+class _Model(types.SimpleNamespace):
+    """The fields of model.DiffadModel that scoring reads."""
+
+    def class_labels(self, category: str, n: int) -> torch.Tensor | None:
+        return None
+
+
+def _smoke_model(seed: int = 0, preset: str = "smoke", **overrides: object) -> _Model:
+    """A deterministic, untrained smoke-size model (``preset`` settings, ``overrides`` as
+    dotted keys with their section)."""
     from diffad_core.nets import FeatureTarget, UNet
 
-    overrides = [f"score.{k}={v}" for k, v in score_overrides.items()]
-    cfg = load_config("smoke", overrides=overrides)
+    cfg = load_config(preset, overrides=[f"{k}={v}" for k, v in overrides.items()])
     torch.manual_seed(seed)
     target = FeatureTarget(cfg.features).eval()
     unet = UNet(cfg.unet, cfg.data.image_size, feature_channels=target.channels).eval()
@@ -43,9 +56,8 @@ def _smoke_model(seed: int = 0, **score_overrides: object) -> types.SimpleNamesp
             p.copy_(torch.randn_like(p) * 0.05)
     _, respaced = diffusion_schedules(cfg.diffusion.steps, cfg.diffusion.beta_start,
                                       cfg.diffusion.beta_end, cfg.diffusion.respacing)
-    return types.SimpleNamespace(cfg=cfg, unet=unet, feature_target=target, padim=None,
-                                 schedule=respaced, class_index={"weave": 0},
-                                 device=torch.device("cpu"), meta={"categories": ["weave"]})
+    return _Model(cfg=cfg, unet=unet, feature_target=target, padim=None, schedule=respaced,
+                  class_index={"weave": 0}, device=torch.device("cpu"), meta={"categories": ["weave"]})
 
 
 def _images(n: int = 2, seed: int = 1) -> torch.Tensor:
@@ -53,8 +65,21 @@ def _images(n: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, SIZE, SIZE, generator=g) * 2 - 1
 
 
+def _batch(m: _Model, x: torch.Tensor, alpha: float, seed: int, **kw: object):
+    return score_batch(m, x, "weave", m.cfg.score, alpha=alpha,
+                       generator=torch.Generator().manual_seed(seed), **kw)
+
+
+# The paper preset's settings on a network small enough for the CPU (random weights).
+_TINY_PAPER = {"data.image_size": 32, "unet.base_channels": 16, "unet.channel_mult": "[1,2,2]",
+               "unet.num_res_blocks": 1, "unet.attention_resolutions": "[16]",
+               "unet.num_head_channels": 16, "unet.class_cond": "false", "score.ablations": "[]",
+               "features.weights.pretrained": "false",
+               "features.weights.timm_name": "tf_efficientnet_lite0"}
+
+
 @pytest.fixture(scope="module")
-def model() -> types.SimpleNamespace:
+def model() -> _Model:
     return _smoke_model()
 
 
@@ -76,70 +101,151 @@ def test_top_k_mean() -> None:
 
 def test_kl_normalisation_is_per_image_over_chw() -> None:
     x = torch.randn(3, 3, 8, 8) * torch.tensor([1.0, 5.0, 0.1]).view(3, 1, 1, 1) + 7.0
-    z = _normalise_per_image(x)
-    flat = z.flatten(1)
-    assert torch.allclose(flat.mean(1), torch.zeros(3), atol=1e-5)
-    assert torch.allclose(flat.std(1, unbiased=False), torch.ones(3), atol=1e-5)
+    for unbiased in (False, True):
+        flat = _normalise_per_image(x, unbiased).flatten(1)
+        assert torch.allclose(flat.mean(1), torch.zeros(3), atol=1e-5)
+        assert torch.allclose(flat.std(1, unbiased=unbiased), torch.ones(3), atol=1e-5)
 
 
-def test_score_batch_shapes_and_determinism(model: types.SimpleNamespace) -> None:
+def test_score_batch_shapes_and_determinism(model: _Model) -> None:
     x = _images()
-    a = score_batch(model, x, "weave", 0.5, torch.Generator().manual_seed(3))
-    b = score_batch(model, x, "weave", 0.5, torch.Generator().manual_seed(3))
-    c = score_batch(model, x, "weave", 0.5, torch.Generator().manual_seed(4))
-    for name in ("anomaly_map", "kl_map", "feature_map", "rgb_map"):
-        assert getattr(a, name).shape == (2, SIZE, SIZE), name
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    model.cfg.score.ablations = ["rgb"]
+    a, b, c = (_batch(model, x, 0.5, seed) for seed in (3, 3, 4))
+    model.cfg.score.ablations = []
+    for name in ("kl", "feature"):
+        assert getattr(a.components, name).shape == (2, SIZE, SIZE), name
+        assert torch.equal(getattr(a.components, name), getattr(b.components, name)), name
+    assert a.anomaly.shape == (2, SIZE, SIZE) and torch.equal(a.anomaly, b.anomaly)
     assert a.image_score.shape == (2,)
-    assert not torch.equal(a.kl_map, c.kl_map)
+    assert not torch.equal(a.components.kl, c.components.kl)
     # KL maps are normalised per (image, t) before averaging: their mean stays 0.
-    assert torch.allclose(a.kl_map.mean(dim=(1, 2)), torch.zeros(2), atol=1e-5)
-    assert (a.feature_map >= 0).all() and (a.rgb_map >= 0).all()
-    k = default_top_k(SIZE)
-    assert torch.allclose(a.image_score, top_k_mean(a.anomaly_map, k))
+    assert torch.allclose(a.components.kl.mean(dim=(1, 2)), torch.zeros(2), atol=1e-5)
+    assert (a.components.feature >= 0).all() and (a.ablation_maps["rgb"] >= 0).all()
+    assert torch.allclose(a.image_score, top_k_mean(a.anomaly, default_top_k(SIZE)))
 
 
-def test_alpha_extremes_select_one_map(model: types.SimpleNamespace) -> None:
+def test_alpha_extremes_select_one_map(model: _Model) -> None:
     x = _images()
-    kl_only = score_batch(model, x, "weave", 1.0, torch.Generator().manual_seed(0))
-    feat_only = score_batch(model, x, "weave", 0.0, torch.Generator().manual_seed(0))
-    half = score_batch(model, x, "weave", 0.5, torch.Generator().manual_seed(0))
-    assert torch.equal(kl_only.anomaly_map, kl_only.kl_map)
-    assert torch.equal(feat_only.anomaly_map, feat_only.feature_map)
-    assert torch.allclose(half.anomaly_map, 0.5 * half.kl_map + 0.5 * half.feature_map)
+    kl_only, feat_only, half = (_batch(model, x, a, 0) for a in (1.0, 0.0, 0.5))
+    assert torch.equal(kl_only.anomaly, kl_only.components.kl)
+    assert torch.equal(feat_only.anomaly, feat_only.components.feature)
+    assert torch.allclose(half.anomaly, 0.5 * half.components.kl + 0.5 * half.components.feature)
     with pytest.raises(ValueError, match="alpha"):
-        score_batch(model, x, "weave", 1.5, torch.Generator().manual_seed(0))
+        _batch(model, x, 1.5, 0)
+
+
+def test_calibration_standardises_each_term() -> None:
+    maps = ComponentMaps(kl=torch.full((1, 2, 2), 3.0), feature=torch.full((1, 2, 2), 10.0))
+    cal = MapCalibration(kl_mean=1.0, kl_std=2.0, feature_mean=4.0, feature_std=3.0)
+    assert torch.allclose(anomaly_map(maps, 0.5, cal), torch.full((1, 2, 2), 0.5 * 1.0 + 0.5 * 2.0))
+    assert torch.equal(anomaly_map(maps, 1.0), maps.kl)
+
+
+def test_image_score_blur_option() -> None:
+    amap = torch.zeros(1, 16, 16)
+    amap[0, 8, 8] = 10.0
+    settings = load_config("smoke", overrides=["score.top_k=1"]).score
+    assert float(image_scores(amap, settings)) == 10.0
+    blurred = float(image_scores(amap, settings.model_copy(update={"image_score_sigma": 2.0})))
+    assert 0.0 < blurred < 10.0 * 1.0 / (2 * math.pi * 4) * 1.2
 
 
 class _Spy(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner = inner
-        self.calls: list[tuple[int, list[int]]] = []
+        self.calls: list[tuple[int, list[int], int | None]] = []
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        self.calls.append((x.shape[0], t.tolist()))
-        return self.inner(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                feature_size: int | None = None):
+        self.calls.append((x.shape[0], t.tolist(), feature_size))
+        return self.inner(x, t, y, feature_size=feature_size)
 
 
 def test_one_batched_forward_with_mapped_timesteps() -> None:
     m = _smoke_model()
-    spy = _Spy(m.unet)
-    m.unet = spy
-    score_batch(m, _images(2), "weave", 0.5, torch.Generator().manual_seed(0))
+    m.unet = spy = _Spy(m.unet)
+    _batch(m, _images(2), 0.5, 0)
     # respaced indices 5, 50, 100 of the 250-step chain are original steps 20, 201, 401
-    assert spy.calls == [(6, [20, 20, 201, 201, 401, 401])]
-
-    quirk = _smoke_model(official_timestep_quirk=True)
-    spy_q = _Spy(quirk.unet)
-    quirk.unet = spy_q
-    score_batch(quirk, _images(2), "weave", 0.5, torch.Generator().manual_seed(0))
-    assert spy_q.calls == [(6, [5, 5, 50, 50, 100, 100])]
+    assert spy.calls == [(6, [20, 20, 201, 201, 401, 401], None)]
 
 
-def test_score_batch_rejects_bad_input(model: types.SimpleNamespace) -> None:
+def test_paper_settings_run_the_official_two_passes() -> None:
+    m = _smoke_model(preset="paper", **_TINY_PAPER)
+    m.unet = spy = _Spy(m.unet)
+    _batch(m, _images(2), 0.5, 0)
+    # The KL pass with the mapped steps, then the feature pass with the unmapped index, both
+    # with the head on the 16x16 test grid (the official --feat_shape default).
+    assert spy.calls == [(6, [20, 20, 201, 201, 401, 401], 16), (6, [5, 5, 50, 50, 100, 100], 16)]
+
+
+def _reference_official(m: _Model, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``calc_bpd_loop`` + ``image_anomaly.py`` computation (batch size 1), written
+    out independently of score.py and diffusion/gaussian.py: per image, per t in (5, 50, 100):
+    x_t from the respaced chain; a KL pass with the mapped step (learned-range variance, x0 from
+    eps clipped to [-1, 1], closed-form Gaussian KL in bits, normalised by the image's mean and
+    unbiased std); a feature pass with the unmapped index on the same x_t, head and target on
+    the 16x16 grid, channel-mean squared error upsampled bilinearly; means over t."""
+    s = m.schedule
+    f64 = lambda a, i: float(a[i])  # noqa: E731
+    kl_out, feat_out = [], []
+    for i in range(x.shape[0]):
+        x0 = x[i:i + 1]
+        kls, feats = [], []
+        for j, t in enumerate((5, 50, 100)):
+            eps = noise[j, i:i + 1]
+            xt = math.sqrt(f64(s.alphas_cumprod, t)) * x0 + math.sqrt(1 - f64(s.alphas_cumprod, t)) * eps
+            with torch.no_grad():
+                out, _ = m.unet(xt, torch.tensor([int(s.timestep_map[t])]), None, feature_size=16)
+                _, feat_rec = m.unet(xt, torch.tensor([t]), None, feature_size=16)
+                target = m.feature_target(x0, size=16)
+            eps_hat, v = out[:, :3], out[:, 3:]
+            min_log = f64(s.posterior_log_variance_clipped, t)
+            max_log = math.log(f64(s.betas, t))
+            frac = (v + 1) / 2
+            model_log_var = frac * max_log + (1 - frac) * min_log
+            pred_x0 = (math.sqrt(1 / f64(s.alphas_cumprod, t)) * xt
+                       - math.sqrt(1 / f64(s.alphas_cumprod, t) - 1) * eps_hat).clamp(-1, 1)
+            c1, c2 = f64(s.posterior_mean_coef1, t), f64(s.posterior_mean_coef2, t)
+            model_mean = c1 * pred_x0 + c2 * xt
+            true_mean = c1 * x0 + c2 * xt
+            true_log_var = min_log
+            kl = 0.5 * (-1.0 + model_log_var - true_log_var + math.exp(true_log_var) * torch.exp(-model_log_var)
+                        + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)) / math.log(2.0)
+            kls.append((kl - kl.mean()) / kl.std())
+            diff = ((feat_rec - target) ** 2).mean(dim=1, keepdim=True)
+            feats.append(F.interpolate(diff, size=x.shape[-2:], mode="bilinear"))
+        kl_out.append((sum(kls) / 3).mean(dim=1)[0])
+        feat_out.append((sum(feats) / 3)[0, 0])
+    return torch.stack(kl_out), torch.stack(feat_out)
+
+
+def test_paper_maps_equal_the_official_computation() -> None:
+    """The ``paper`` preset's maps equal the official code's to float32 noise (issue #7)."""
+    m = _smoke_model(preset="paper", **_TINY_PAPER)
+    x = _images(3, seed=7)
+    noise = torch.randn(3, *x.shape, generator=torch.Generator().manual_seed(5))
+    maps = component_maps(m, x, "weave", m.cfg.score, noise=noise)
+    kl_ref, feat_ref = _reference_official(m, x, noise)
+    assert torch.allclose(maps.kl, kl_ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(maps.feature, feat_ref, atol=1e-6, rtol=1e-4)
+    # Eq. 11 with alpha 0.5 and the top-64-pixel mean (scaled to the image area) of it.
+    amap = anomaly_map(maps, 0.5)
+    assert torch.allclose(amap, 0.5 * kl_ref + 0.5 * feat_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_scoring_variants_reuse_the_noise() -> None:
+    m = _smoke_model(**{"score.ablations": "[grid_h4,single_pass,kl,feature]"})
+    b = _batch(m, _images(2), 0.5, 0)
+    assert set(b.ablation_maps) == {"grid_h4", "single_pass", "kl", "feature"}
+    # smoke already scores on the H/4 grid with one pass: both variants equal Eq. 11 itself.
+    assert torch.allclose(b.ablation_maps["grid_h4"], b.anomaly)
+    assert torch.allclose(b.ablation_maps["single_pass"], b.anomaly)
+
+
+def test_score_batch_rejects_bad_input(model: _Model) -> None:
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        score_batch(model, torch.zeros(2, 1, SIZE, SIZE), "weave")
+        _batch(model, torch.zeros(2, 1, SIZE, SIZE), 0.5, 0)
 
 
 def _prepared(n: int, category: str = "weave") -> types.SimpleNamespace:
@@ -155,10 +261,9 @@ def _prepared(n: int, category: str = "weave") -> types.SimpleNamespace:
 
 
 def test_score_split_streams_records() -> None:
-    m = _smoke_model(batch_size=2, ablations="[rgb]")
-    spy = _Spy(m.unet)
-    m.unet = spy
-    gen = score_split(m, _prepared(5), seed=0, progress=False)
+    m = _smoke_model(**{"score.batch_size": 2, "score.ablations": "[rgb]"})
+    m.unet = spy = _Spy(m.unet)
+    gen = score_split(m, _prepared(5), m.cfg.score, alpha=0.5, seed=0, progress=False)
     assert isinstance(gen, Iterator)
     assert spy.calls == []  # lazy: nothing computed before the first record is asked for
     first = next(gen)
@@ -172,52 +277,14 @@ def test_score_split_streams_records() -> None:
     assert r.anomaly_map.shape == (SIZE, SIZE) and r.anomaly_map.dtype == np.float32
     assert r.label == 1 and r.defect_type == "spot" and r.mask.sum() == 36
     assert set(r.ablation_scores) == {"rgb"} and r.ablation_maps["rgb"].shape == (SIZE, SIZE)
-    again = list(score_split(m, _prepared(5), seed=0, progress=False))
+    again = list(score_split(m, _prepared(5), m.cfg.score, alpha=0.5, seed=0, progress=False))
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(records, again))
-
-
-def test_synthesize_anomalies_masks_are_exact_and_seeded() -> None:
-    imgs = _images(6, seed=2).numpy()
-    out, masks = synthesize_anomalies(imgs, seed=11)
-    out2, masks2 = synthesize_anomalies(imgs, seed=11)
-    assert np.array_equal(out, out2) and np.array_equal(masks, masks2)
-    assert out.shape == imgs.shape and masks.shape == (6, SIZE, SIZE) and masks.dtype == np.uint8
-    changed = np.abs(out - imgs).max(axis=1) > 1e-6
-    assert np.array_equal(changed, masks.astype(bool))
-    assert (masks.reshape(6, -1).sum(1) > 0).all()
-    assert out.min() >= -1 and out.max() <= 1
-
-
-def test_choose_alpha_never_reads_the_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    import diffad_core.data as data
-    import diffad_core.train as train
-
-    m = _smoke_model(alpha_grid="[0.0, 0.5, 1.0]")
-    train_split = _prepared(10)
-    train_split.labels = np.zeros(10, dtype=np.int64)
-    seen: list[str] = []
-
-    def fake_prepare_split(cfg, category, split):  # noqa: ANN001, ANN202
-        seen.append(split)
-        if split != "train":
-            raise AssertionError(f"choose_alpha read the {split!r} split")
-        return train_split
-
-    monkeypatch.setattr(data, "prepare_split", fake_prepare_split)
-    _, val_idx = train.split_train_validation(10, m.cfg)
-    choice = score.choose_alpha(m, m.cfg, "weave")
-    assert seen == ["train"]
-    assert choice.alpha in (0.0, 0.5, 1.0)
-    assert set(choice.validation_pro) == {0.0, 0.5, 1.0}
-    assert choice.validation_pro[choice.alpha] == max(choice.validation_pro.values())
-    assert choice.n_validation_images == 2 * len(val_idx)
-    assert "held-out train/good" in choice.source
 
 
 def test_golden_anomaly_map_sum() -> None:
     m = _smoke_model(seed=0)
-    b = score_batch(m, _images(2, seed=1), "weave", 0.5, torch.Generator().manual_seed(0))
-    total = float(b.anomaly_map.double().sum())
+    b = _batch(m, _images(2, seed=1), 0.5, 0)
+    total = float(b.anomaly.double().sum())
     assert total == pytest.approx(GOLDEN_SUM, rel=1e-4)
 
 

@@ -13,16 +13,10 @@ from safetensors.torch import load_file
 
 from diffad_core.config import load_config
 from diffad_core.diffusion import linear_schedule, training_losses
-from diffad_core.train import (
-    TrainError,
-    amp_dtype,
-    autocast_context,
-    init_from_checkpoint,
-    load_model,
-    select_device,
-    split_train_validation,
-    train_model,
-)
+from diffad_core.data import split_train_validation
+from diffad_core.model import load_model
+from diffad_core.runtime import DeviceError, amp_dtype, autocast_context, select_device
+from diffad_core.train import TrainError, train_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,10 +46,10 @@ def _cfg(*overrides: str):
 def test_select_device():
     assert select_device("cpu") == torch.device("cpu")
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(TrainError, match="not one of"):
+    with pytest.raises(DeviceError, match="not one of"):
         select_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(TrainError, match="no CUDA device"):
+        with pytest.raises(DeviceError, match="no CUDA device"):
             select_device("cuda:1")
 
 
@@ -63,7 +57,7 @@ def test_amp_resolution_on_cpu():
     cpu = torch.device("cpu")
     assert amp_dtype(cpu, "auto") is None and amp_dtype(cpu, "off") is None
     assert amp_dtype(cpu, "bf16") == torch.bfloat16
-    with pytest.raises(TrainError, match="fp16 needs a CUDA"):
+    with pytest.raises(DeviceError, match="fp16 needs a CUDA"):
         amp_dtype(cpu, "fp16")
     with autocast_context(cpu, "auto"):
         assert not torch.is_autocast_enabled("cpu")
@@ -77,10 +71,8 @@ def test_split_train_validation_is_deterministic_and_disjoint():
     assert sorted(set(train) | set(val)) == list(range(20)) and not set(train) & set(val)
     again = split_train_validation(20, 0.1, 0)
     assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
-    cfg = _cfg("score.validation_fraction=0.25", "seed=3")
-    by_cfg = split_train_validation(8, cfg)
     explicit = split_train_validation(8, 0.25, 3)
-    assert np.array_equal(by_cfg[1], explicit[1]) and len(explicit[1]) == 2
+    assert len(explicit[1]) == 2
     assert len(split_train_validation(3, 0.01, 0)[1]) == 1  # at least one when fraction > 0
     assert len(split_train_validation(1, 0.5, 0)[1]) == 0  # never all of them
     assert len(split_train_validation(10, 0.0, 0)[1]) == 0
@@ -225,7 +217,7 @@ def test_unified_class_conditional_with_held_out_validation(home: Path, tmp_path
     meta = json.loads((tmp_path / "uni" / "meta.json").read_text())
     assert meta["class_index"] == {"bolt": 0, "weave": 1}
     n_train = cfg.data.synth.n_train
-    expected = split_train_validation(n_train, cfg)[1].tolist()
+    expected = split_train_validation(n_train, cfg.score.validation_fraction, cfg.seed)[1].tolist()
     assert meta["held_out"] == {"weave": expected, "bolt": expected} and len(expected) == 2
     assert result.steps == 2
     model = load_model(tmp_path / "uni", device="cpu")
@@ -235,41 +227,25 @@ def test_unified_class_conditional_with_held_out_validation(home: Path, tmp_path
         train_model(_cfg(), ["weave", "bolt"], tmp_path / "bad", progress=False)
 
 
-def test_init_from_checkpoint_reports_mismatches(home: Path, tmp_path: Path):
+def test_training_fine_tunes_from_an_adm_checkpoint(home: Path, tmp_path: Path):
+    """train.init_checkpoint: every tensor but the label embedding and the feature head is
+    loaded from the file (OpenAI's layout), the report lands in the result and meta.json, and a
+    file that does not match is a clear error, not a partial load."""
     from diffad_core.nets import build_unet
+    from diffad_core.nets.adm_init import AdmInitError
 
-    cfg = _cfg("unet.class_cond=true", "unet.num_classes=2")
+    cfg = _cfg("unet.class_cond=true", "unet.num_classes=2", "train.iterations=1")
     torch.manual_seed(1)
-    donor = build_unet(cfg, 192).state_dict()
-    changed = "input_blocks.0.0.weight"
-    donor[changed] = torch.zeros(donor[changed].shape[0] + 1, *donor[changed].shape[1:])
+    donor = {k: v for k, v in build_unet(cfg, 64).state_dict().items() if not k.startswith("feature_head")}
     donor["label_emb.weight"] = torch.zeros(1000, donor["label_emb.weight"].shape[1])
-    donor["something.extra"] = torch.zeros(3)
-    del donor["out.2.bias"]
     path = tmp_path / "adm.pt"
     torch.save(donor, path)
-
-    torch.manual_seed(2)
-    unet = build_unet(cfg, 192)
-    ours_before = {k: v.clone() for k, v in unet.state_dict().items()}
-    report = init_from_checkpoint(unet, path)
-    text = "\n".join(report)
-    assert f"shape mismatch, kept ours: {changed}" in text
-    assert "dropped (label embedding): label_emb.weight" in text
-    assert "unused (not in our UNet): something.extra" in text
-    assert "missing in checkpoint, kept ours: out.2.bias" in text
-    after = unet.state_dict()
-    assert torch.equal(after[changed], ours_before[changed])
-    assert torch.equal(after["label_emb.weight"], ours_before["label_emb.weight"])
-    copied = [k for k in after if k not in (changed, "label_emb.weight", "out.2.bias")]
-    assert len(copied) > 10 and all(torch.equal(after[k], donor[k]) for k in copied)
-    assert report[0] == f"initialised {len(copied)}/{len(after)} tensors from {path}"
-
-    # Through train_model: the report lands in the result and meta.json.
-    run_cfg = _cfg("unet.class_cond=true", "unet.num_classes=2", "train.iterations=1",
-                   f"train.init_checkpoint={path}")
-    result = train_model(run_cfg, ["weave"], tmp_path / "ft", progress=False)
-    assert any(changed in line for line in result.init_report)
+    result = train_model(cfg, ["weave"], tmp_path / "ft", progress=False, init_weights=path)
+    assert any("initialised" in line for line in result.init_report)
     assert json.loads((tmp_path / "ft" / "meta.json").read_text())["init_report"] == result.init_report
-    with pytest.raises(TrainError, match="does not exist"):
-        init_from_checkpoint(unet, tmp_path / "nope.pt")
+
+    broken = dict(donor)
+    broken["input_blocks.0.0.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(AdmInitError, match="input_blocks.0.0.weight"):
+        train_model(cfg, ["weave"], tmp_path / "bad", progress=False, init_weights=tmp_path / "broken.pt")

@@ -39,7 +39,9 @@ _EXPORTS: dict[str, str] = {
     "prepare_split": "prepare",
     "resolve_dataset": "prepare",
     "rotate": "prepare",
-    "generate_dataset": "synth",
+    "split_train_validation": "prepare",
+    "generate_dataset": "synth.writer",
+    "paint_defects": "synth.defects",
 }
 
 __all__ = sorted(_EXPORTS)

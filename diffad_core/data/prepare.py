@@ -43,6 +43,33 @@ class PreparedSplit:
     def __len__(self) -> int:
         return len(self.rel_paths)
 
+    def subset(self, idx: np.ndarray) -> PreparedSplit:
+        """The same split restricted to rows ``idx`` (in that order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return PreparedSplit(
+            self.category, self.split, self.images[idx], self.masks[idx], self.labels[idx],
+            [self.defect_types[i] for i in idx], [self.rel_paths[i] for i in idx],
+            self.manifest_hash,
+        )
+
+
+def split_train_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train_idx, validation_idx) over ``n`` train/good images, both sorted.
+
+    ``round(n * fraction)`` images (at least 1 when fraction > 0, and never all of them) are
+    held out, chosen by ``numpy.random.default_rng(seed).permutation(n)``: the normal images
+    that calibrate the maps and choose alpha ("Ours*") and that training never sees.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    n_val = 0
+    if fraction > 0 and n >= 2:
+        n_val = min(max(1, int(round(n * float(fraction)))), n - 1)
+    perm = np.random.default_rng(int(seed)).permutation(n)
+    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
 
 def cache_path(manifest_hash: str, size: int, split: str) -> Path:
     """Where ``prepare_split`` caches a split."""

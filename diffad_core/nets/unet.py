@@ -8,9 +8,13 @@ names mirror the ADM reference (``time_embed``, ``input_blocks``, ``middle_block
 ADM checkpoint maps onto this model key by key.
 
 The feature head (METHOD.md §2) reads the decoder level whose resolution is 1/4 of the input
-(64x64 for 256 px), after that level's last res/attention block and before its upsampling:
-GroupNorm -> SiLU -> 1x1 conv to ``feature_channels`` (not zero-initialised: it regresses the
-frozen backbone features).
+(64x64 for 256 px). ``cfg.feature_tap`` picks the block: ``"before_last"`` is the block before
+the level's last one (the official code's ``output_blocks[10]`` at 256 px), ``"last"`` the
+level's last res/attention block, before its upsampling layer. The head is GroupNorm -> SiLU ->
+1x1 conv to ``feature_channels`` (not zero-initialised: it regresses the frozen backbone
+features). ``forward(..., feature_size=s)`` resizes the tapped map bilinearly to s x s *before*
+the head, as the official test script does (its ``feat_shape``, 16): GroupNorm statistics depend
+on the grid, so resizing the head's output instead would give different numbers.
 """
 
 from __future__ import annotations
@@ -24,8 +28,7 @@ from torch import nn
 
 from diffad_core.config import DiffadConfig, UNetConfig
 
-__all__ = ["UNet", "build_unet", "group_norm", "model_summary", "timestep_embedding",
-           "unet_parameter_count"]
+__all__ = ["UNet", "build_unet", "group_norm", "model_summary", "timestep_embedding"]
 
 
 def _num_groups(channels: int, max_groups: int = 32) -> int:
@@ -194,10 +197,11 @@ class _AttentionBlock(nn.Module):
 class UNet(nn.Module):
     """ADM UNet returning (model_out, features); see the module docstring.
 
-    ``forward(x, t, y=None)``: x (B, C, H, W), t (B,) original-chain timesteps, y (B,) class
-    indices (required iff ``cfg.class_cond``). model_out has 2C channels with ``learn_sigma``
-    (eps and the learned-range variance v, METHOD.md §2) else C; features are
-    (B, feature_channels, H/4, W/4).
+    ``forward(x, t, y=None, feature_size=None)``: x (B, C, H, W), t (B,) original-chain
+    timesteps, y (B,) class indices (required iff ``cfg.class_cond``). model_out has 2C channels
+    with ``learn_sigma`` (eps and the learned-range variance v, METHOD.md §2) else C; features
+    are (B, feature_channels, H/4, W/4), or (B, feature_channels, s, s) for ``feature_size=s``.
+    Both come from one forward pass.
     """
 
     def __init__(self, cfg: UNetConfig, image_size: int, in_channels: int = 3,
@@ -260,6 +264,14 @@ class UNet(nn.Module):
             res(ch, ch), _AttentionBlock(ch, cfg.num_head_channels), res(ch, ch)
         )
 
+        if cfg.feature_tap == "before_last" and cfg.num_res_blocks < 1:
+            raise ValueError(
+                "UNet: feature_tap='before_last' needs 2+ decoder blocks per level "
+                f"(num_res_blocks >= 1, got {cfg.num_res_blocks}); use feature_tap='last'"
+            )
+        tap_i = cfg.num_res_blocks - 1 if cfg.feature_tap == "before_last" else cfg.num_res_blocks
+        # "last": that block ends with the level's upsampling layer; tap just before it.
+        self._tap_before_up = cfg.feature_tap == "last"
         self.output_blocks = nn.ModuleList()
         self._feature_block = -1
         for level, mult in reversed(list(enumerate(mults))):
@@ -268,7 +280,7 @@ class UNet(nn.Module):
                 ch = mc * mult
                 if resolution in attn_res:
                     layers.append(_AttentionBlock(ch, cfg.num_head_channels))
-                if level == self.feature_level and i == cfg.num_res_blocks:
+                if level == self.feature_level and i == tap_i:
                     self._feature_block = len(self.output_blocks)
                     feature_ch = ch
                 if level and i == cfg.num_res_blocks:
@@ -284,8 +296,13 @@ class UNet(nn.Module):
             group_norm(feature_ch), nn.SiLU(), nn.Conv2d(feature_ch, feature_channels, 1)
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def feature_block(self) -> int:
+        """Index in ``output_blocks`` of the block the feature head reads."""
+        return self._feature_block
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                feature_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"UNet: expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
@@ -299,6 +316,8 @@ class UNet(nn.Module):
                 raise ValueError(f"UNet: expected y of shape ({x.shape[0]},), got {tuple(y.shape)}")
         elif y is not None:
             raise ValueError("UNet: y given but the model is not class-conditional (unet.class_cond)")
+        if feature_size is not None and int(feature_size) < 1:
+            raise ValueError(f"UNet: feature_size must be >= 1 or None, got {feature_size}")
 
         emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
         if self.cfg.class_cond:
@@ -314,7 +333,7 @@ class UNet(nn.Module):
         feat_in: torch.Tensor | None = None
         for idx, block in enumerate(self.output_blocks):
             h = torch.cat([h, skips.pop()], dim=1)
-            if idx == self._feature_block:
+            if idx == self._feature_block and self._tap_before_up:
                 # the 1/4 level's last res(+attn) block; tap before its upsampling layer (last)
                 h = block[:-1](h, emb)
                 feat_in = h
@@ -322,21 +341,20 @@ class UNet(nn.Module):
                 h = up(h, emb) if isinstance(up, _TimestepBlock) else up(h)
             else:
                 h = block(h, emb)
+                if idx == self._feature_block:
+                    feat_in = h  # the whole block's output (official: output_blocks[10])
         assert feat_in is not None
+        size = int(feature_size) if feature_size is not None else None
+        if size is not None and tuple(feat_in.shape[-2:]) != (size, size):
+            # official test script: F.interpolate(h, (feat_shape,)*2, mode="bilinear") before
+            # the head (align_corners False); METHOD.md §3
+            feat_in = F.interpolate(feat_in, size=(size, size), mode="bilinear", align_corners=False)
         return self.out(h), self.feature_head(feat_in)
 
 
 def build_unet(cfg: DiffadConfig, feature_channels: int) -> UNet:
     """The UNet for a resolved config (RGB in, image size from ``cfg.data``)."""
     return UNet(cfg.unet, cfg.data.image_size, in_channels=3, feature_channels=feature_channels)
-
-
-def unet_parameter_count(cfg: UNetConfig, image_size: int, in_channels: int = 3,
-                         feature_channels: int = 272) -> int:
-    """Parameter count without allocating weights (built on the meta device)."""
-    with torch.device("meta"):
-        model = UNet(cfg, image_size, in_channels, feature_channels)
-    return sum(p.numel() for p in model.parameters())
 
 
 def model_summary(cfg: DiffadConfig) -> dict[str, Any]:
@@ -363,9 +381,11 @@ def model_summary(cfg: DiffadConfig) -> dict[str, Any]:
             "out_indices": list(cfg.features.out_indices),
             "channels_per_layer": per_layer,
             "imagenet_norm": cfg.features.imagenet_norm,
+            "static_same_padding": cfg.features.static_same_padding,
         },
         "feature_channels": feature_channels,
         "feature_resolution": size // 4,
+        "feature_block": f"output_blocks[{model.feature_block}] ({cfg.unet.feature_tap})",
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameters_feature_head": head,
     }

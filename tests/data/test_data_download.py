@@ -204,7 +204,7 @@ def test_cli_download(server: _FileServer, tmp_path: Path,
     root = tmp_path / "mv"
     args = ["data", "download", "--dataset", "mvtec", "--root", str(root), "--url",
             server.url("/a.tar.gz"), "--no-progress"]
-    assert main([*args, "--sha256", "f" * 64]) == 1
+    assert main([*args, "--sha256", "f" * 64]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     assert main([*args, "--sha256", _sha(archive)]) == 0
     assert "extracted to" in capsys.readouterr().out

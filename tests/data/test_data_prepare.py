@@ -165,7 +165,7 @@ def test_cli_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["data", "synth", "--root", str(tmp_path / "s"), "--categories", "weave",
+    code = main(["data", "synth", "--root", str(tmp_path / "s"), "--category", "weave",
                  "--size", "32", "--n-train", "2", "--n-test-good", "1",
                  "--n-test-per-defect", "1", "--seed", "5"])
     assert code == 0 and "synthetic dataset written" in capsys.readouterr().out
@@ -174,7 +174,7 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_module_and_light_names_do_not_import_torch() -> None:
-    code = ("import sys, diffad_core.data as d, diffad_core.data._commands as c; "
+    code = ("import sys, diffad_core.data as d, diffad_core.cli as c; "
             "d.list_categories, d.load_image, d.verify_dataset, d.dataset_manifest; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,4 +1,4 @@
-"""Tests for the synthetic MVTec-format dataset generator (diffad_core/data/synth.py)."""
+"""Tests for the synthetic MVTec-format dataset generator (diffad_core/data/synth/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from diffad_core.config import SYNTH_CATEGORIES, SynthConfig
-from diffad_core.data import synth
+from diffad_core.data.synth import scenes, writer
 from diffad_core.data.synth import CATEGORY_DEFECTS, MARKER_NAME, generate_dataset
 
 TINY = SynthConfig(size=32, seed=0, n_train=2, n_test_good=1, n_test_per_defect=2)
@@ -30,6 +30,15 @@ def test_default_categories_are_known() -> None:
     assert set(SYNTH_CATEGORIES) == set(CATEGORY_DEFECTS)
     for defects in CATEGORY_DEFECTS.values():
         assert len(defects) >= 3
+
+
+def test_public_names_are_reachable_from_the_data_package() -> None:
+    import diffad_core.data as data
+    import diffad_core.data.synth as package
+    from diffad_core.data.synth import defects
+
+    assert data.generate_dataset is package.generate_dataset is writer.generate_dataset
+    assert data.paint_defects is package.paint_defects is defects.paint_defects
 
 
 def test_layout_is_exactly_mvtec(tiny_root: Path) -> None:
@@ -63,7 +72,7 @@ def test_layout_is_exactly_mvtec(tiny_root: Path) -> None:
 def test_files_match_the_renderer(tiny_root: Path) -> None:
     for cat in SYNTH_CATEGORIES:
         defect = CATEGORY_DEFECTS[cat][0]
-        _, image, mask = synth._render_sample(cat, 32, 0, "test", defect, 1)
+        _, image, mask = writer._render_sample(cat, 32, 0, "test", defect, 1)
         assert mask is not None
         disk = np.asarray(Image.open(tiny_root / cat / "test" / defect / "001.png"))
         np.testing.assert_array_equal(disk, image.squeeze(-1) if image.shape[2] == 1 else image)
@@ -89,7 +98,7 @@ def test_masks_are_exactly_the_changed_pixels(category: str) -> None:
     min_area = (2.5 * size / 64) ** 2
     for defect in CATEGORY_DEFECTS[category]:
         for index in range(3):
-            clean, image, mask = synth._render_sample(category, size, 7, "test", defect, index)
+            clean, image, mask = writer._render_sample(category, size, 7, "test", defect, index)
             assert mask is not None and set(np.unique(mask).tolist()) <= {0, 255}
             inside = mask > 0
             changed = (clean != image).any(axis=-1)
@@ -98,18 +107,18 @@ def test_masks_are_exactly_the_changed_pixels(category: str) -> None:
             assert not (changed & ~inside).any(), f"pixels changed outside the mask: {where}"
             assert changed[inside].mean() >= 0.7, f"mask much larger than the change: {where}"
             if category in ("washer", "bolt") and defect != "bend":
-                scene = synth._CATEGORIES[category].render(
-                    synth._rng(7, category, "test", defect, index), size)
+                scene = scenes.CATEGORIES[category].render(
+                    writer._rng(7, category, "test", defect, index), size)
                 assert scene.fg[inside].mean() >= 0.9, f"defect off the object: {where}"
 
 
 def test_good_samples_have_no_mask_and_train_matches_test_statistics() -> None:
     for cat in SYNTH_CATEGORIES:
-        clean, image, mask = synth._render_sample(cat, 48, 0, "test", "good", 0)
+        clean, image, mask = writer._render_sample(cat, 48, 0, "test", "good", 0)
         assert mask is None and clean is image
-        train = np.stack([synth._render_sample(cat, 48, 0, "train", "good", i)[1]
+        train = np.stack([writer._render_sample(cat, 48, 0, "train", "good", i)[1]
                           for i in range(6)]).astype(np.float32)
-        test = np.stack([synth._render_sample(cat, 48, 0, "test", "good", i)[1]
+        test = np.stack([writer._render_sample(cat, 48, 0, "test", "good", i)[1]
                          for i in range(6)]).astype(np.float32)
         assert abs(train.mean() - test.mean()) < 8.0, cat
         assert abs(train.std() - test.std()) < 8.0, cat
@@ -118,8 +127,8 @@ def test_good_samples_have_no_mask_and_train_matches_test_statistics() -> None:
 
 def test_golden_values() -> None:
     # Fixed seed, tiny size: guards against accidental changes of the generator.
-    _, weave, _ = synth._render_sample("weave", 32, 0, "train", "good", 0)
-    _, bolt, _ = synth._render_sample("bolt", 32, 0, "train", "good", 0)
+    _, weave, _ = writer._render_sample("weave", 32, 0, "train", "good", 0)
+    _, bolt, _ = writer._render_sample("bolt", 32, 0, "train", "good", 0)
     assert weave.shape == (32, 32, 3) and bolt.shape == (32, 32, 1)
     assert weave.mean() == pytest.approx(GOLDEN_WEAVE_MEAN, abs=0.5)
     assert bolt.mean() == pytest.approx(GOLDEN_BOLT_MEAN, abs=0.5)
@@ -142,7 +151,7 @@ def test_counts_are_configurable(tmp_path: Path) -> None:
 
 
 def _crash_after(monkeypatch: pytest.MonkeyPatch, n_ok: int) -> None:
-    real = synth._render_sample
+    real = writer._render_sample
     calls = {"n": 0}
 
     def flaky(*args: object, **kwargs: object) -> object:
@@ -151,7 +160,7 @@ def _crash_after(monkeypatch: pytest.MonkeyPatch, n_ok: int) -> None:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "_render_sample", flaky)
+    monkeypatch.setattr(writer, "_render_sample", flaky)
 
 
 def test_crash_leaves_no_partial_category(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,6 +222,6 @@ def test_tiny_images_always_get_a_defect(size: int) -> None:
     for category, defects in CATEGORY_DEFECTS.items():
         for defect in defects:
             for index in range(4):
-                clean, image, mask = synth._render_sample(category, size, 2, "test", defect, index)
+                clean, image, mask = writer._render_sample(category, size, 2, "test", defect, index)
                 assert mask is not None and (mask > 0).sum() >= 4
                 assert ((clean != image).any(axis=-1) <= (mask > 0)).all()

@@ -126,8 +126,10 @@ def test_full_benchmark_fans_out_to_two_workers(server: dict[str, Any]) -> None:
     assert child["work_pool_name"] == "gpu"
 
     run = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST", {
-        "parameters": {"preset": "smoke", "executor": "deployments", "categories": CATEGORIES,
-                       "overrides": OVERRIDES, "run_id": "deployed", "register_models": False},
+        "parameters": {"preset": "smoke", "run_id": "deployed",
+                       "overrides": [*OVERRIDES, "runtime.executor=deployments",
+                                     "registry.register_models=false",
+                                     f"data.categories=[{','.join(CATEGORIES)}]"]},
     })
     logs = [tmp / "worker-control.log", tmp / "worker-gpu-0.log", tmp / "worker-gpu-1.log"]
     server["procs"].append(_start([PREFECT, "worker", "start", "--pool", "control"], env, logs[0]))
@@ -155,8 +157,10 @@ def test_full_benchmark_fans_out_to_two_workers(server: dict[str, Any]) -> None:
     assert workers == {"gpu"}
     record = json.loads((tmp / "home" / "results" / "deployed" / "run.json").read_text())
     assert record["status"] == "completed"
-    assert {c: o["status"] for c, o in record["categories"].items()} == \
-        {c: "done" for c in CATEGORIES}
+    assert record["categories"] == CATEGORIES
+    statuses = {c: json.loads((tmp / "home" / "results" / "deployed" / "status" / f"{c}.json")
+                              .read_text())["status"] for c in CATEGORIES}
+    assert statuses == {c: "done" for c in CATEGORIES}
     for cat in CATEGORIES:
         assert (tmp / "home" / "results" / "deployed" / "scores" / f"category={cat}").is_dir()
     # Each category logged its MLflow child run from its worker process under the parent's run.

@@ -101,3 +101,65 @@ def test_random_weights_are_seeded_by_the_caller():
     torch.manual_seed(1)
     b = load_backbone(weights, [0])
     assert torch.equal(a.conv_stem.weight, b.conv_stem.weight)
+
+
+def _lukemelas_b4_layout() -> dict[str, tuple[int, ...]]:
+    """efficientnet_pytorch's efficientnet-b4 state_dict shapes, from its builder's rules."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def bn(name, c):
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.{k}"] = (c,)
+        shapes[f"{name}.num_batches_tracked"] = ()
+
+    def filters(f):  # round_filters, width 1.4, divisor 8
+        new = max(8, int(f * 1.4 + 4) // 8 * 8)
+        return new + 8 if new < 0.9 * f * 1.4 else new
+
+    shapes["_conv_stem.weight"] = (48, 3, 3, 3)
+    bn("_bn0", 48)
+    # (repeats, kernel, expand, in, out) of B0; repeats scaled by ceil(1.8 r)
+    stages = [(1, 3, 1, 32, 16), (2, 3, 6, 16, 24), (2, 5, 6, 24, 40), (3, 3, 6, 40, 80),
+              (3, 5, 6, 80, 112), (4, 5, 6, 112, 192), (1, 3, 6, 192, 320)]
+    idx = 0
+    for r, k, e, i, o in stages:
+        c_in, c_out = filters(i), filters(o)
+        for rep in range(-(-r * 18 // 10)):
+            inp = c_in if rep == 0 else c_out
+            mid, p = inp * e, f"_blocks.{idx}"
+            if e != 1:
+                shapes[f"{p}._expand_conv.weight"] = (mid, inp, 1, 1)
+                bn(f"{p}._bn0", mid)
+            shapes[f"{p}._depthwise_conv.weight"] = (mid, 1, k, k)
+            bn(f"{p}._bn1", mid)
+            sq = max(1, int(inp * 0.25))
+            shapes[f"{p}._se_reduce.weight"], shapes[f"{p}._se_reduce.bias"] = (sq, mid, 1, 1), (sq,)
+            shapes[f"{p}._se_expand.weight"], shapes[f"{p}._se_expand.bias"] = (mid, sq, 1, 1), (mid,)
+            shapes[f"{p}._project_conv.weight"] = (c_out, mid, 1, 1)
+            bn(f"{p}._bn2", c_out)
+            idx += 1
+    shapes["_conv_head.weight"] = (1792, 448, 1, 1)
+    bn("_bn1", 1792)
+    shapes["_fc.weight"], shapes["_fc.bias"] = (1000, 1792), (1000,)
+    return shapes
+
+
+def test_official_b4_file_layout_loads_into_tf_efficientnet_b4(tmp_path):
+    """The official run's efficientnet_pytorch b4 file can be used as features.weights.file."""
+    layout = _lukemelas_b4_layout()
+    assert sum(1 for k in layout if k.endswith("_depthwise_conv.weight")) == 32
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.tensor(0) if not s else torch.randn(s, generator=gen) * 0.01)
+             for k, s in layout.items()}
+    path = tmp_path / "efficientnet-b4.pth"
+    torch.save(state, path)
+    weights = WeightsConfig(timm_name="tf_efficientnet_b4.aa_in1k", file=str(path),
+                            key_layout="lukemelas", offline=True)
+    model = load_backbone(weights, [0, 1, 2, 3])
+    assert model.feature_info.channels() == [24, 32, 56, 160]
+    # the official outblocks 1, 5, 9, 21 are the last blocks of timm's out_indices 0-3 stages
+    assert torch.equal(model.blocks[0][1].conv_dw.weight, state["_blocks.1._depthwise_conv.weight"])
+    assert torch.equal(model.blocks[1][3].conv_pwl.weight, state["_blocks.5._project_conv.weight"])
+    assert torch.equal(model.blocks[2][3].conv_pwl.weight, state["_blocks.9._project_conv.weight"])
+    assert torch.equal(model.blocks[4][5].conv_pwl.weight, state["_blocks.21._project_conv.weight"])
+    assert [len(stage) for stage in model.blocks] == [2, 4, 4, 6, 6, 8, 2]

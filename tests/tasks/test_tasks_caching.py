@@ -10,6 +10,7 @@ from prefect.states import Failed
 
 from diffad_core.config import ConfigError, load_config
 from diffad_core.data import DataError
+from diffad_core.model import checkpoint_dir
 from tasks import caching
 
 
@@ -44,7 +45,7 @@ def test_cache_key_and_checkpoint_dir(tmp_path: Path, monkeypatch: pytest.Monkey
     key = caching.train_key(cfg, ["weave"], "m", None)
     assert caching.train_cache_key(None, params) == f"train-weave-{key}"
     assert caching.train_cache_key(None, {**params, "date": "2030-01-01"}) != f"train-weave-{key}"
-    assert caching.checkpoint_dir(cfg, "weave", key) == \
+    assert checkpoint_dir(cfg, "weave", key) == \
         tmp_path.resolve() / "checkpoints" / "synthetic" / "weave" / key
     assert caching.result_storage_path() == tmp_path.resolve() / "prefect-results"
 

@@ -1,0 +1,196 @@
+"""The pipeline commands (``benchmark``, ``rerun``, ``registry compare``): resolve the config here,
+then run the Prefect flows, which (with ``tasks`` and MLflow) are imported inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from diffad_core.cli._common import (
+    CliError,
+    add_category_argument,
+    add_config_arguments,
+    command,
+    config_from_args,
+)
+from diffad_core.config import DiffadConfig
+
+
+def register(subparsers: Any) -> None:
+    """Add ``benchmark``, ``rerun`` and ``registry compare``."""
+    p = subparsers.add_parser(
+        "benchmark", help="run the full benchmark flow (train, score, evaluate, report, registry)",
+        description="Run the full-benchmark Prefect flow. With the default local executor no "
+                    "server is needed (Prefect's ephemeral mode).")
+    add_config_arguments(p, default_preset="cpu-demo")
+    p.add_argument("--dataset", default=None, choices=("mvtec", "btad", "folder", "synthetic"),
+                   help="data.dataset (default: the preset's)")
+    p.add_argument("--root", default=None, help="data.root (default: $DIFFAD_HOME/data/<dataset>)")
+    add_category_argument(p, "data.categories: benchmark only this category (default: all)")
+    p.add_argument("--executor", choices=("local", "deployments"), default=None,
+                   help="runtime.executor: local (in-process) or deployments (workers pull categories)")
+    p.add_argument("--run-id", default=None, help="default: a new one")
+    p.add_argument("--date", default=None, help="a date that enters the training cache key")
+    p.add_argument("--no-register", dest="register", action="store_false",
+                   help="registry.register_models=false: do not register models in MLflow")
+    p.add_argument("--no-promote", dest="promote", action="store_false",
+                   help="registry.promote=false: register challengers but never promote")
+    command(p, _benchmark)
+
+    p = subparsers.add_parser("rerun", help="rerun some categories of a benchmark run "
+                              "(with the run's own config)")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--failed", action="store_true", help="the categories that failed")
+    add_category_argument(p, "a category to rerun")
+    command(p, _rerun)
+
+    reg = subparsers.add_parser("registry", help="the MLflow model registry")
+    reg_sub = reg.add_subparsers(dest="registry_command", metavar="COMMAND", required=True)
+    p = reg_sub.add_parser("compare", help="champion vs challenger, side by side")
+    p.add_argument("--dataset", default="synthetic")
+    add_category_argument(p, "only this category (default: all registered)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    command(p, _registry_compare)
+
+
+# ----------------------------------------------------------------------------- environment
+def prefect_environment() -> None:
+    """Settings the ephemeral Prefect server needs to start reliably on a slow machine, set
+    before Prefect is imported; values the user already set win."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into a normal exit so Prefect's exit handlers stop the temporary server
+    (otherwise it outlives a killed ``diffad benchmark``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _store_hint() -> list[str]:
+    from tasks import tracking
+
+    uri = tracking.tracking_uri()
+    lines = [f"MLflow store:   {uri}"]
+    root = tracking.local_artifact_root(uri)
+    if root is not None:
+        lines.append(f"MLflow artifacts: {root}")
+        lines.append(f"Open it with:   mlflow ui --backend-store-uri {uri} "
+                     f"--default-artifact-root {root}")
+    else:
+        lines.append(f"Open it at:     {uri}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- benchmark
+def benchmark_config(args: argparse.Namespace) -> DiffadConfig:
+    """The run's resolved config: preset, ``--config``, the command's own flags (as config
+    values), then ``--set`` (which wins)."""
+    extra: dict[str, dict[str, Any]] = {}
+    data = {k: v for k, v in (("dataset", args.dataset), ("root", args.root),
+                              ("categories", args.categories)) if v}
+    if data:
+        extra["data"] = data
+    if args.executor:
+        extra["runtime"] = {"executor": args.executor}
+    registry = {k: False for k, on in (("register_models", args.register),
+                                        ("promote", args.promote)) if not on}
+    if registry:
+        extra["registry"] = registry
+    return config_from_args(args, extra)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    # The config is built first, so a bad preset or key fails before any server starts.
+    cfg = benchmark_config(args)
+    prefect_environment()
+    _exit_on_sigterm()
+    from flows.benchmark import full_benchmark
+    from tasks.runs import new_run_id
+
+    run_id = args.run_id or new_run_id(args.date)
+    state = full_benchmark(config=cfg, run_id=run_id, date=args.date, return_state=True)
+    return _finish(run_id, state)
+
+
+def _finish(run_id: str, state: Any) -> int:
+    """Print each category's outcome, the metrics, the registry decisions and where things are;
+    1 when the flow did not complete."""
+    from tasks.runs import read_category_status, read_run_record, run_dir
+
+    record = read_run_record(run_id)
+    print()
+    print(f"run {run_id}: {record.status if record is not None else state.name}")
+    for cat in sorted(record.categories if record is not None else []):
+        outcome = read_category_status(run_id, cat)
+        status = outcome.status if outcome is not None else "not run"
+        err = f"  {outcome.error}" if outcome is not None and outcome.error else ""
+        print(f"  {cat:<14} {status}{err}")
+    metrics = run_dir(run_id) / "metrics.parquet"
+    if metrics.exists():
+        from diffad_core import results
+        from diffad_core.report import metrics_markdown_table
+
+        print()
+        print(metrics_markdown_table(results.read_metrics(run_dir(run_id))))
+    for model, decision in (record.registry if record is not None else {}).items():
+        print(f"registry: {model}: {decision}")
+    print()
+    report = record.report if record is not None else {}
+    if report:
+        print(f"Report:         {report.get('markdown')}  (and {report.get('html')})")
+    print(f"Parquet:        {run_dir(run_id) / 'scores'}  and  {metrics}")
+    for line in _store_hint():
+        print(line)
+    if not state.is_completed():
+        print(f"diffad: benchmark run {run_id} did not complete: {state.message or state.name}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- rerun
+def _rerun(args: argparse.Namespace) -> int:
+    if not args.failed and not args.categories:
+        raise CliError("give --failed or --category C (repeatable)")
+    prefect_environment()
+    from tasks.runs import read_run_record, run_dir, run_record_path
+
+    if read_run_record(args.run_id) is None:
+        raise CliError(f"no run {args.run_id!r} under {run_dir(args.run_id).parent} "
+                       f"(missing {run_record_path(args.run_id)})")
+    _exit_on_sigterm()
+    from flows.benchmark import rerun_categories
+
+    state = rerun_categories(run_id=args.run_id, categories=args.categories or None,
+                             failed=args.failed, return_state=True)
+    return _finish(args.run_id, state)
+
+
+# ----------------------------------------------------------------------------- registry
+def _registry_compare(args: argparse.Namespace) -> int:
+    """Exit 1 when the registry holds no model of the dataset."""
+    from tasks import registry, tracking
+
+    rows = registry.compare(args.dataset, args.categories or None)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no registered models diffad-{args.dataset}-* in the registry at "
+              f"{tracking.tracking_uri()}")
+        return 1
+    print(registry.format_comparison(rows))
+    return 0

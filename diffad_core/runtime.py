@@ -1,0 +1,126 @@
+"""Where and how the networks run: device choice, mixed precision, threads and RNG state.
+
+Everything here is about the machine, nothing about the method: training, scoring and
+reconstruction all place their tensors with :func:`select_device` and wrap forward passes in
+:func:`autocast_context`, so the CUDA / bf16 / fp16 rules live in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class DeviceError(RuntimeError):
+    """The asked-for device or precision is not available on this machine."""
+
+
+def select_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> the first visible CUDA device if any (CUDA_VISIBLE_DEVICES is respected by
+    torch itself), else CPU; ``cpu``, ``cuda``, ``cuda:<i>`` as asked, with a clear error when
+    the CUDA device is not there."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"runtime.device={spec!r} asks for CUDA, but torch sees no CUDA device "
+                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                "use runtime.device=auto or cpu"
+            )
+        if spec.startswith("cuda:"):
+            try:
+                index = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise DeviceError(f"runtime.device={spec!r}: expected cuda:<index>") from None
+            count = torch.cuda.device_count()
+            if not 0 <= index < count:
+                raise DeviceError(f"runtime.device={spec!r}: only {count} CUDA device(s) visible")
+            return torch.device("cuda", index)
+        return torch.device("cuda")
+    raise DeviceError(f"runtime.device={spec!r} is not one of auto, cpu, cuda, cuda:<i>")
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype for an ``amp`` setting on ``device`` (None: full fp32).
+
+    auto: bf16 on CUDA when supported, else fp16; fp32 elsewhere. bf16/fp16 force that dtype
+    (bf16 also works on CPU; fp16 needs CUDA). off: fp32.
+    """
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16":
+            return torch.float16
+        supported = torch.cuda.is_bf16_supported()
+        if amp == "bf16":
+            if not supported:
+                raise DeviceError(f"amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support")
+            return torch.bfloat16
+        if amp == "auto":
+            return torch.bfloat16 if supported else torch.float16
+    elif device.type == "cpu":
+        if amp == "bf16":
+            return torch.bfloat16
+        if amp == "fp16":
+            raise DeviceError("amp=fp16 needs a CUDA device; use auto, bf16 or off on CPU")
+        if amp == "auto":
+            return None
+    elif amp == "auto":
+        return None
+    else:
+        raise DeviceError(f"amp={amp!r} is not supported on device {device}")
+    raise DeviceError(f"amp={amp!r} is not one of auto, bf16, fp16, off")
+
+
+def autocast_context(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``amp_dtype(device, amp)``, or a no-op context for fp32."""
+    device = torch.device(device)
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(num_threads: int | None) -> None:
+    """``torch.set_num_threads`` when a count is configured (``runtime.num_threads``)."""
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch, and CUDA's on a CUDA device)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,170 @@
+"""The use cases, one function each: train, reconstruct and score a category.
+
+The CLI (``diffad train/score/reconstruct``) and the Prefect tasks (``tasks/pipeline.py``) both
+call these; the tasks only add tracking around them. Each returns a typed record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffad_core import results
+from diffad_core.config import DiffadConfig
+from diffad_core.data import prepare_split, resolve_dataset
+from diffad_core.model import DiffadModel, checkpoint_dir, load_model
+from diffad_core.nets.adm_init import prepare_init_checkpoint
+from diffad_core.overlay import to_uint8_image
+from diffad_core.reconstruct import reconstruct_split
+from diffad_core.runtime import set_threads
+from diffad_core.score import MapCalibration, score_split
+from diffad_core.train import TrainResult, train_model
+from diffad_core.validation import AlphaChoice, calibrate, choose_alpha
+
+
+class UseCaseError(ValueError):
+    """A use case asked for something the model or data cannot give (a user error)."""
+
+
+@dataclass(frozen=True)
+class EvaluationModel:
+    """A trained model with the run's evaluation settings: ``cfg`` is the checkpoint's config
+    with this run's scoring, reconstruction and metric sections (never written onto the model)."""
+
+    model: DiffadModel
+    cfg: DiffadConfig
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """One test image and its Algorithm 1 reconstruction, (H, W, 3) uint8 each."""
+
+    input_image: np.ndarray
+    reconstruction: np.ndarray
+
+
+@dataclass
+class ReconstructionOutcome:
+    images: dict[str, Reconstruction] = field(default_factory=dict)  # rel_path -> images
+    ms_per_image: float | None = None
+
+
+@dataclass
+class ScoreOutcome:
+    """What scoring one category produced: where its parquet partition is, the alpha used
+    (and how it was chosen), the map calibration, and the time per image."""
+
+    category: str
+    n_test: int
+    score_ms_per_image: float
+    alpha: float
+    alpha_source: str
+    parts: list[Path]
+    alpha_choice: AlphaChoice | None = None
+    calibration: MapCalibration | None = None
+
+
+def default_checkpoint_dir(cfg: DiffadConfig, categories: list[str]) -> Path:
+    """Where ``diffad train`` puts a model: the one layout (``model.checkpoint_dir``), keyed by
+    the model-defining config."""
+    label = categories[0] if cfg.mode == "per_category" else "unified"
+    return checkpoint_dir(cfg, label, cfg.model_hash())
+
+
+def train_category(cfg: DiffadConfig, categories: list[str], out_dir: Path | None = None, *,
+                   resume: bool = True, progress: bool = True,
+                   on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train the model of ``categories`` (one, or all for the unified model): check the
+    categories, make the data and the ADM initialisation ready, then ``train_model``."""
+    available = cfg.categories()
+    unknown = [c for c in categories if c not in available]
+    if unknown:
+        raise UseCaseError(f"unknown categories {unknown} for this config (choose from {', '.join(available)})")
+    resolve_dataset(cfg, progress=progress)
+    init = prepare_init_checkpoint(cfg, progress=progress)
+    out = Path(out_dir) if out_dir is not None else default_checkpoint_dir(cfg, categories)
+    return train_model(cfg, categories, out, resume=resume, progress=progress, on_log=on_log,
+                       init_weights=init.path if init is not None else None)
+
+
+def load_for_evaluation(checkpoint: Path, run_cfg: DiffadConfig | None = None) -> EvaluationModel:
+    """Load a checkpoint to score or reconstruct with ``run_cfg``'s evaluation settings (a
+    cached model trained under other evaluation settings is reused, not retrained)."""
+    model = load_model(checkpoint)
+    cfg = model.cfg if run_cfg is None else model.cfg.with_evaluation_settings(run_cfg)
+    set_threads(cfg.runtime.num_threads)
+    return EvaluationModel(model=model, cfg=cfg, checkpoint=Path(checkpoint))
+
+
+def pick_category(model: DiffadModel, category: str | None) -> str:
+    """``category``, checked against the model's; the model's only one when None."""
+    cats = model.categories
+    if category is None:
+        if len(cats) != 1:
+            raise UseCaseError(f"this checkpoint holds categories {cats}; choose one with --category")
+        return cats[0]
+    if category not in cats:
+        raise UseCaseError(f"category {category!r} is not in this checkpoint (it has {cats})")
+    return category
+
+
+def reconstruct_category(ev: EvaluationModel, category: str, *, limit: int | None = None,
+                         progress: bool = True) -> ReconstructionOutcome:
+    """Algorithm 1 on the category's test images, anomalous first, at most ``limit``
+    (default ``reconstruct.max_images_per_category``; all when None)."""
+    cfg = ev.cfg
+    if not cfg.reconstruct.enabled:
+        return ReconstructionOutcome()
+    resolve_dataset(cfg, progress=progress)
+    prepared = prepare_split(cfg, category, "test")
+    limit = cfg.reconstruct.max_images_per_category if limit is None else limit
+    images: dict[str, Reconstruction] = {}
+    start = time.perf_counter()
+    for i, recon in reconstruct_split(ev.model, prepared, cfg.reconstruct, limit=limit, seed=cfg.seed):
+        images[prepared.rel_paths[i]] = Reconstruction(
+            input_image=to_uint8_image(prepared.images[i]), reconstruction=to_uint8_image(recon.numpy()))
+    seconds = time.perf_counter() - start
+    return ReconstructionOutcome(images=images,
+                                 ms_per_image=1000.0 * seconds / len(images) if images else None)
+
+
+def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_version: str,
+                   alpha: float | None = None, reconstructions: ReconstructionOutcome | None = None,
+                   progress: bool = True) -> ScoreOutcome:
+    """Eq. 11 over the category's test split, written as its parquet partition of ``run_dir``.
+
+    Alpha: ``alpha`` when given, else "Ours*" when ``score.alpha_per_category``, else
+    ``score.alpha``. With ``score.calibrate_maps`` both terms are first standardised on the
+    held-out normal training images (``validation.calibrate``).
+    """
+    cfg, model = ev.cfg, ev.model
+    calibration = calibrate(model, cfg, category) if cfg.score.calibrate_maps else None
+    choice = None
+    if alpha is not None:
+        source = "--alpha"
+    elif cfg.score.alpha_per_category:
+        choice = choose_alpha(model, cfg, category, calibration)
+        alpha, source = choice.alpha, choice.source
+    else:
+        alpha, source = cfg.score.alpha, "config"
+    resolve_dataset(cfg, progress=progress)
+    prepared = prepare_split(cfg, category, "test")
+    recon = reconstructions.images if reconstructions is not None else {}
+    start = time.perf_counter()
+    records = score_split(model, prepared, cfg.score, alpha=alpha, calibration=calibration,
+                          seed=cfg.seed, progress=progress)
+    parts = results.write_scores(
+        run_dir, category, records, model_version=model_version, alpha=alpha,
+        alpha_source=source, preset=cfg.preset,
+        reconstructions={k: r.reconstruction for k, r in recon.items()},
+        input_images={k: r.input_image for k, r in recon.items()})
+    seconds = time.perf_counter() - start
+    n = len(prepared.labels)
+    return ScoreOutcome(category=category, n_test=n, score_ms_per_image=1000.0 * seconds / max(1, n),
+                        alpha=float(alpha), alpha_source=source, parts=list(parts),
+                        alpha_choice=choice, calibration=calibration)

@@ -1,0 +1,124 @@
+"""Held-out normal training images: map calibration and the per-category alpha ("Ours*").
+
+Both use only train/good images the trainer left out (``model.held_out``), never the test
+set: the calibration standardises the KL and feature maps by their statistics on those normals
+(ours, issue #8); "Ours*" (METHOD.md §3) also pastes a synthetic defect into a copy of each and
+picks the alpha of Eq. 11 with the best PRO on that validation set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffad_core.config import DiffadConfig
+from diffad_core.data import prepare_split
+from diffad_core.data.synth.defects import paint_defects
+from diffad_core.metrics import pixel_auroc, pro_score
+from diffad_core.model import DiffadModel
+from diffad_core.score import ComponentMaps, MapCalibration, anomaly_map, component_maps
+
+ALPHA_SOURCE = "synthetic anomalies on held-out train/good"
+
+
+class ValidationError(ValueError):
+    """The model holds no held-out normals to calibrate or choose alpha on."""
+
+
+@dataclass
+class AlphaChoice:
+    """The alpha chosen for one category on the synthetic-anomaly validation split."""
+
+    alpha: float
+    grid: list[float]
+    validation_pro: dict[float, float]
+    validation_pixel_auroc: dict[float, float] = field(default_factory=dict)
+    source: str = ALPHA_SOURCE
+    n_validation_images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "grid": list(self.grid),
+            "validation_pro": {str(a): v for a, v in self.validation_pro.items()},
+            "validation_pixel_auroc": {str(a): v for a, v in self.validation_pixel_auroc.items()},
+            "source": self.source,
+            "n_validation_images": self.n_validation_images,
+        }
+
+
+def held_out_normals(model: DiffadModel, cfg: DiffadConfig, category: str) -> np.ndarray:
+    """The category's held-out train/good images, (N, 3, H, W) in [-1, 1]."""
+    idx = model.held_out(category)
+    if not idx:
+        raise ValidationError(
+            f"the model of {category!r} was trained without held-out normal images; train it with "
+            "score.calibrate_maps=true or score.alpha_per_category=true (score.validation_fraction > 0)")
+    train = prepare_split(cfg, category, "train")
+    return np.asarray(train.images[idx], dtype=np.float32)
+
+
+def _maps_of(model: DiffadModel, cfg: DiffadConfig, category: str, images: np.ndarray) -> ComponentMaps:
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    parts = []
+    for start in range(0, len(images), cfg.score.batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + cfg.score.batch_size]))
+        parts.append(component_maps(model, batch, category, cfg.score, generator))
+    return ComponentMaps(kl=torch.cat([p.kl for p in parts]), feature=torch.cat([p.feature for p in parts]))
+
+
+def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibration:
+    """Mean and std of each Eq. 11 term over every pixel of the held-out normal images."""
+    normal = held_out_normals(model, cfg, category)
+    maps = _maps_of(model, cfg, category, normal)
+    return MapCalibration(
+        kl_mean=float(maps.kl.mean()), kl_std=max(float(maps.kl.std()), 1e-12),
+        feature_mean=float(maps.feature.mean()), feature_std=max(float(maps.feature.std()), 1e-12),
+        n_images=len(normal),
+    )
+
+
+def _better(cand: tuple[float, float, float], best: tuple[float, float, float]) -> bool:
+    """Order (pro, auroc, -|alpha - 0.5|) with a small tolerance on the metrics."""
+    tol = 1e-9
+    for c, b in zip(cand, best, strict=True):
+        if c > b + tol:
+            return True
+        if c < b - tol:
+            return False
+    return False
+
+
+def choose_alpha(model: DiffadModel, cfg: DiffadConfig, category: str,
+                 calibration: MapCalibration | None = None) -> AlphaChoice:
+    """"Ours*": the alpha of ``cfg.score.alpha_grid`` with the best PRO on the held-out normals
+    plus a copy of each with a synthetic defect; ties go to pixel AUROC, then to the alpha
+    nearest 0.5. Each image is scored once; the maps are recombined for every alpha."""
+    grid = [float(a) for a in cfg.score.alpha_grid]
+    if not grid:
+        raise ValueError("score.alpha_grid is empty")
+    normal = held_out_normals(model, cfg, category)
+    anomalous, anomaly_masks = paint_defects(normal, seed=int(cfg.seed) + 7919)
+    images = np.concatenate([normal, anomalous], axis=0)
+    masks = np.concatenate([np.zeros_like(anomaly_masks), anomaly_masks], axis=0)
+    maps = _maps_of(model, cfg, category, images)
+
+    pro: dict[float, float] = {}
+    auroc: dict[float, float] = {}
+    best_alpha, best_key = grid[0], (-math.inf, -math.inf, -math.inf)
+    for a in grid:
+        a_map = anomaly_map(maps, a, calibration).numpy().astype(np.float32)
+        pro[a] = float(pro_score(a_map, masks, fpr_limit=cfg.metrics.pro_fpr_limit))
+        auroc[a] = float(pixel_auroc(a_map, masks))
+        key = (pro[a], auroc[a], -abs(a - 0.5))
+        if _better(key, best_key):
+            best_alpha, best_key = a, key
+    return AlphaChoice(
+        alpha=best_alpha, grid=grid, validation_pro=pro, validation_pixel_auroc=auroc,
+        source=f"{ALPHA_SOURCE} ({len(normal)} normal + {len(normal)} synthetic images)",
+        n_validation_images=len(images),
+    )

@@ -1,0 +1,64 @@
+"""Held-out normals: the map calibration and "Ours*" use the held-out train/good images only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import diffad_core.validation as validation
+from diffad_core.data import split_train_validation
+from tests.test_score import _prepared, _smoke_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def train_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """prepare_split that serves a fake train split and fails on any other split."""
+    train_split = _prepared(10)
+    train_split.labels = np.zeros(10, dtype=np.int64)
+    seen: list[str] = []
+
+    def fake_prepare_split(cfg, category, split):  # noqa: ANN001, ANN202
+        seen.append(split)
+        if split != "train":
+            raise AssertionError(f"validation read the {split!r} split")
+        return train_split
+
+    monkeypatch.setattr(validation, "prepare_split", fake_prepare_split)
+    return seen
+
+
+def _held_out_model(**overrides: object):
+    m = _smoke_model(**overrides)
+    _, val_idx = split_train_validation(10, m.cfg.score.validation_fraction, m.cfg.seed)
+    m.held_out = lambda category: [int(i) for i in val_idx]
+    return m, val_idx
+
+
+def test_choose_alpha_never_reads_the_test_split(train_only: list[str]) -> None:
+    m, val_idx = _held_out_model(**{"score.alpha_grid": "[0.0, 0.5, 1.0]", "score.validation_fraction": 0.3})
+    choice = validation.choose_alpha(m, m.cfg, "weave")
+    assert train_only == ["train"]
+    assert choice.alpha in (0.0, 0.5, 1.0)
+    assert set(choice.validation_pro) == {0.0, 0.5, 1.0}
+    assert choice.validation_pro[choice.alpha] == max(choice.validation_pro.values())
+    assert choice.n_validation_images == 2 * len(val_idx)
+    assert "held-out train/good" in choice.source
+
+
+def test_calibration_is_the_statistics_of_the_held_out_maps(train_only: list[str]) -> None:
+    m, val_idx = _held_out_model(**{"score.validation_fraction": 0.3})
+    cal = validation.calibrate(m, m.cfg, "weave")
+    assert train_only == ["train"] and cal.n_images == len(val_idx) == 3
+    maps = validation._maps_of(m, m.cfg, "weave", _prepared(10).images[val_idx])
+    assert cal.kl_mean == pytest.approx(float(maps.kl.mean()))
+    assert cal.feature_std == pytest.approx(float(maps.feature.std()))
+    assert cal.kl_std > 0 and cal.feature_std > 0
+
+
+def test_no_held_out_images_is_a_clear_error(train_only: list[str]) -> None:
+    m = _smoke_model()
+    m.held_out = lambda category: []
+    with pytest.raises(validation.ValidationError, match="without held-out normal images"):
+        validation.calibrate(m, m.cfg, "weave")
