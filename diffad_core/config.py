@@ -284,6 +284,17 @@ class RuntimeConfig(_Section):
     deployment_name: str = "train-category/train-category"
 
 
+class AutoConfig(_Section):
+    """Settings fitted to the data a user brings (``data_fit.fit_to_data``; the ``cpu`` preset):
+    image size from the images' own size, network depth and training length from a CPU time
+    budget for the whole benchmark on ``runtime.local_workers`` workers."""
+
+    enabled: bool = False
+    max_image_size: int = 128
+    time_budget_minutes: float = 25.0
+    train_share: float = 0.6  # of the budget spent training; the rest scores and reconstructs
+
+
 class DiffadConfig(_Section):
     preset: str = "paper"
     seed: int = 0
@@ -299,6 +310,7 @@ class DiffadConfig(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    auto: AutoConfig = Field(default_factory=AutoConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> DiffadConfig:

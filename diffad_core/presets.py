@@ -53,9 +53,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         # benchmark's own test set.
         "train": {"iterations": 500, "batch_size": 4, "lr": 2e-3, "checkpoint_every": 250,
                   "ema_rate": 0.98, "init_checkpoint": None},
-        "score": {"batch_size": 16, **_REFINED_SCORE},
+        "score": {"batch_size": 16, "ablations": ["kl", "feature", "padim"], **_REFINED_SCORE},
         "reconstruct": {"rounds": 20, "max_images_per_category": 4},
         # Two categories at a time, one thread each: both cores of a laptop busy.
+        "runtime": {"num_threads": 1, "local_workers": 2},
+    },
+    # A user's own images (``--dataset folder``) on a 2-core CPU: image size, network depth and
+    # training length fitted to the data and a time budget (diffad_core/data_fit.py); the maps
+    # standardised on held-out normal training images before Eq. 11. The values below the fitted
+    # ones were chosen on the synthetic family only (bench/tune_cpu_rule.md, bench/tune_cpu.txt).
+    "cpu": {
+        "data": {"dataset": "folder", "augment_rotation": True},
+        "auto": {"enabled": True},
+        "unet": {"base_channels": 32, "num_res_blocks": 1, "num_head_channels": 32,
+                 "class_cond": False, **_REFINED_UNET},
+        "features": {"weights": _LITE0, "out_indices": [1, 2], **_REFINED_FEATURES},
+        "padim": {"weights": _LITE0, "out_indices": [1, 2, 3], "n_channels": 100},
+        "train": {"batch_size": 4, "lr": 2e-3, "ema_rate": 0.98, "init_checkpoint": None},
+        "score": {"batch_size": 8, "calibrate_maps": True, "validation_fraction": 0.1,
+                  "ablations": ["kl", "feature", "padim"], **_REFINED_SCORE},
+        "reconstruct": {"rounds": 20, "max_images_per_category": 4},
         "runtime": {"num_threads": 1, "local_workers": 2},
     },
     # Seconds: for tests. Random backbone weights, a tiny UNet, a few steps.

@@ -16,6 +16,7 @@ import numpy as np
 from diffad_core import results
 from diffad_core.config import DiffadConfig
 from diffad_core.data import prepare_split, resolve_dataset
+from diffad_core.data_fit import fit_to_data
 from diffad_core.model import DiffadModel, checkpoint_dir, load_model
 from diffad_core.nets.adm_init import prepare_init_checkpoint
 from diffad_core.overlay import to_uint8_image
@@ -85,7 +86,7 @@ def train_category(cfg: DiffadConfig, categories: list[str], out_dir: Path | Non
     unknown = [c for c in categories if c not in available]
     if unknown:
         raise UseCaseError(f"unknown categories {unknown} for this config (choose from {', '.join(available)})")
-    resolve_dataset(cfg, progress=progress)
+    cfg = fit_to_data(cfg, resolve_dataset(cfg, progress=progress))
     init = prepare_init_checkpoint(cfg, progress=progress)
     out = Path(out_dir) if out_dir is not None else default_checkpoint_dir(cfg, categories)
     return train_model(cfg, categories, out, resume=resume, progress=progress, on_log=on_log,

@@ -190,10 +190,11 @@ def full_benchmark(
     cfg = _resolve(config, preset, overrides)
     run_id = run_id or new_run_id(date)
     data: PreparedData = p.prepare_data(cfg)
+    # From here on the config names the resolved data folder and category list (and, for the
+    # cpu preset, the settings fitted to that data).
+    cfg = p.fit_config(cfg, data)
     weights = p.prepare_weights(cfg)
     cats = data.categories
-    # From here on the config names the resolved data folder and category list.
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": data.root, "categories": cats})})
     unknown = sorted(set(only or []) - set(cats))
     if unknown:
         raise ValueError(f"categories {unknown} are not in this run's categories {cats}")

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from diffad_core import results
 from diffad_core.config import DiffadConfig, diffad_home
 from diffad_core.data import dataset_manifest, manifest_hash, resolve_dataset
+from diffad_core.data_fit import fit_to_data
 from diffad_core.model import checkpoint_dir
 from diffad_core.nets import load_backbone
 from diffad_core.nets.adm_init import prepare_init_checkpoint
@@ -59,6 +60,19 @@ def prepare_data(cfg: DiffadConfig) -> PreparedData:
                           len(manifest["files"]), manifest["hash"])
     return PreparedData(root=str(root), manifest_hash=manifest["hash"], categories=categories,
                         category_hashes=per_category)
+
+
+@task(name="fit-config", cache_policy=NO_CACHE)
+def fit_config(cfg: DiffadConfig, data: PreparedData) -> DiffadConfig:
+    """The run's config with the resolved data folder and categories, and (``auto.enabled``,
+    the ``cpu`` preset) the settings fitted to the data (``data_fit.fit_to_data``)."""
+    located = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"root": data.root, "categories": data.categories})})
+    fitted = fit_to_data(located, Path(data.root))
+    if fitted is not located:
+        get_run_logger().info("fitted to the data: image size %d, UNet levels %s, %d training steps",
+                              fitted.data.image_size, fitted.unet.channel_mult, fitted.train.iterations)
+    return fitted
 
 
 @task(name="prepare-weights", **_TRANSIENT_ONLY)

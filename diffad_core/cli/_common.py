@@ -28,10 +28,12 @@ def command(parser: argparse.ArgumentParser, handler: Handler) -> argparse.Argum
     return parser
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "cpu-demo") -> None:
-    """``--preset``, ``--config FILE`` and ``--set KEY=VALUE`` (repeatable)."""
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = "cpu-demo") -> None:
+    """``--preset``, ``--config FILE`` and ``--set KEY=VALUE`` (repeatable). A None default is
+    decided by the command (``benchmark``: ``cpu`` for ``--dataset folder``, else ``cpu-demo``)."""
+    shown = default_preset or "cpu for --dataset folder, else cpu-demo"
     parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
-                        help=f"named preset (default {default_preset})")
+                        help=f"named preset (default {shown})")
     parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
                         help="YAML file with overrides")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

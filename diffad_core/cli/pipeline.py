@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
         "benchmark", help="run the full benchmark flow (train, score, evaluate, report, registry)",
         description="Run the full-benchmark Prefect flow. With the default local executor no "
                     "server is needed (Prefect's ephemeral mode).")
-    add_config_arguments(p, default_preset="cpu-demo")
+    add_config_arguments(p, default_preset=None)
     p.add_argument("--dataset", default=None, choices=("mvtec", "btad", "folder", "synthetic"),
                    help="data.dataset (default: the preset's)")
     p.add_argument("--root", default=None, help="data.root (default: $DIFFAD_HOME/data/<dataset>)")
@@ -98,6 +98,9 @@ def _store_hint() -> list[str]:
 def benchmark_config(args: argparse.Namespace) -> DiffadConfig:
     """The run's resolved config: preset, ``--config``, the command's own flags (as config
     values), then ``--set`` (which wins)."""
+    if args.preset is None:
+        # A folder of the user's own images gets the preset fitted to its data; the rest the demo.
+        args.preset = "cpu" if args.dataset == "folder" else "cpu-demo"
     extra: dict[str, dict[str, Any]] = {}
     data = {k: v for k, v in (("dataset", args.dataset), ("root", args.root),
                               ("categories", args.categories)) if v}

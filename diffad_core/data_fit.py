@@ -1,0 +1,86 @@
+"""Settings fitted to a user's own images (the ``cpu`` preset, issue #8): image size, network
+depth, training length and the feature grid, chosen from the data and a CPU time budget.
+
+The rule is deterministic (the same data gives the same config, so a rerun reuses its trained
+models) and is applied once, right after the dataset is resolved:
+
+- **image size:** as large as the images allow (their shortest side), capped at
+  ``auto.max_image_size``, rounded down to a multiple of 16: a defect 1-3 px wide in a 256 px
+  photograph stays at least half a pixel wide at 128 px, where 64 px would blur it away;
+- **network depth:** one UNet level per halving down to 16 px (attention at 16 px), so the
+  receptive field covers the same share of the image at every size; the feature head reads H/4;
+- **training length:** as many steps as fit ``auto.train_share`` of ``auto.time_budget_minutes``
+  for all categories on ``runtime.local_workers`` workers, from a cost per image measured on
+  this project's 2-core machine (``_SECONDS_PER_IMAGE_AT_64``), at least 150 and at most 1500;
+- **feature target:** EfficientNet-Lite0 at strides 4 and 8, compared on the H/4 grid.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from diffad_core.config import DiffadConfig, config_from_dict
+from diffad_core.data.io import image_size
+from diffad_core.data.layouts import list_samples
+
+# One training step per image at 64 px with the cpu UNet (base 32), one thread: 500 steps of 4
+# images took 226 s per category with two categories side by side (bench/cpu_demo_benchmark.txt).
+_SECONDS_PER_IMAGE_AT_64 = 0.113
+_MIN_STEPS, _MAX_STEPS = 150, 1500
+_SIZES_CHECKED = 8  # train images per category whose header is read
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def native_size(cfg: DiffadConfig, root: Path, categories: list[str]) -> int:
+    """The shortest image side among the first training images of every category."""
+    sides = []
+    for category in categories:
+        for sample in list_samples(root, cfg.data.dataset, category, "train")[:_SIZES_CHECKED]:
+            w, h = image_size(sample.image_path)
+            sides.append(min(w, h))
+    if not sides:
+        raise ValueError(f"no training images under {root} to fit the settings to")
+    return min(sides)
+
+
+def fitted_image_size(native: int, cap: int) -> int:
+    """min(native, cap) rounded down to a multiple of 16, at least 32."""
+    return max(32, (min(native, cap) // 16) * 16)
+
+
+def unet_levels(size: int) -> list[int]:
+    """Channel multipliers: one level per halving from ``size`` down to about 16 px."""
+    n = max(3, int(math.log2(max(size, 16) / 16)) + 1)
+    return [1] + [2] * (n - 1)
+
+
+def training_steps(cfg: DiffadConfig, size: int, n_categories: int) -> int:
+    """Steps that fit the training share of the time budget (see the module docstring)."""
+    per_step = _SECONDS_PER_IMAGE_AT_64 * cfg.train.batch_size * (size / 64) ** 2
+    rounds = math.ceil(n_categories / max(1, cfg.runtime.local_workers))
+    seconds = cfg.auto.time_budget_minutes * 60.0 * cfg.auto.train_share / rounds
+    return int(min(_MAX_STEPS, max(_MIN_STEPS, seconds // per_step)))
+
+
+def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
+    """``cfg`` with the fitted settings when ``auto.enabled``, else ``cfg`` unchanged."""
+    if not cfg.auto.enabled:
+        return cfg
+    categories = cfg.categories()
+    size = fitted_image_size(native_size(cfg, root, categories), cfg.auto.max_image_size)
+    mult = unet_levels(size)
+    steps = training_steps(cfg, size, len(categories))
+    update = {
+        "data": {"image_size": size},
+        "unet": {"channel_mult": mult, "attention_resolutions": [16]},
+        "train": {"iterations": steps, "checkpoint_every": max(1, steps // 2)},
+    }
+    return config_from_dict(_deep_merge(cfg.to_dict(), update))

@@ -1,0 +1,47 @@
+"""The cpu preset's settings fitted to the data (diffad_core/data_fit.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffad_core.config import load_config
+from diffad_core.data.heldout import generate_heldout
+from diffad_core.data_fit import fit_to_data, fitted_image_size, training_steps, unet_levels
+
+
+def test_image_size_keeps_thin_defects_within_the_cap() -> None:
+    assert fitted_image_size(1024, 128) == 128
+    assert fitted_image_size(100, 128) == 96  # a multiple of 16, never above the images
+    assert fitted_image_size(20, 128) == 32  # never below 32
+    assert unet_levels(64) == [1, 2, 2] and unet_levels(128) == [1, 2, 2, 2]
+    assert unet_levels(256) == [1, 2, 2, 2, 2]
+
+
+def test_training_length_follows_the_budget() -> None:
+    cfg = load_config("cpu")
+    small, large = training_steps(cfg, 64, 4), training_steps(cfg, 128, 4)
+    assert small > large >= 150  # four times the pixels, about a quarter of the steps
+    more = cfg.model_copy(update={"auto": cfg.auto.model_copy(update={"time_budget_minutes": 50})})
+    assert training_steps(more, 128, 4) > large
+    assert training_steps(cfg, 128, 8) < large or training_steps(cfg, 128, 8) == 150
+
+
+def test_fit_to_a_folder(tmp_path: Path) -> None:
+    root = generate_heldout(tmp_path / "d", size=80, n_train=3, n_test_good=1, n_test_per_defect=1,
+                            categories=["brick", "coffee"])
+    cfg = load_config("cpu", overrides=[f"data.root={root}"])
+    fitted = fit_to_data(cfg, root)
+    assert fitted.data.image_size == 80 and fitted.unet.channel_mult == [1, 2, 2]
+    assert fitted.train.iterations >= 150 and fitted.categories() == ["brick", "coffee"]
+    assert fit_to_data(fitted, root) == fitted  # idempotent: a rerun reuses the trained models
+    demo = load_config("cpu-demo")
+    assert fit_to_data(demo, root) is demo  # only when auto.enabled
+
+
+def test_no_training_images_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "d" / "empty" / "train" / "good").mkdir(parents=True)
+    cfg = load_config("cpu", overrides=[f"data.root={tmp_path / 'd'}", "data.categories=[empty]"])
+    with pytest.raises(ValueError, match="no training images"):
+        fit_to_data(cfg, tmp_path / "d")
