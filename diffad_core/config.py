@@ -113,7 +113,7 @@ class DataConfig(_Section):
 
 # ----------------------------------------------------------------------------- weights / nets
 class WeightsConfig(_Section):
-    """Pretrained weights of one timm backbone (DESIGN.md "Pretrained weights").
+    """Pretrained weights of one timm backbone (docs/method.md "Network").
 
     ``file`` may be a path or ``pkg://<python package>/<path inside it>``; ``key_layout``
     names the layout of that file's state_dict (``lukemelas`` for the efficientnet_pytorch
@@ -293,6 +293,7 @@ class AutoConfig(_Section):
     max_image_size: int = 128
     time_budget_minutes: float = 25.0
     train_share: float = 0.6  # of the budget spent training; the rest scores and reconstructs
+    fitted: bool = False  # set by fit_to_data: the values below are fitted, never refitted
 
 
 class DiffadConfig(_Section):

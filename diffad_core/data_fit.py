@@ -71,8 +71,9 @@ def training_steps(cfg: DiffadConfig, size: int, n_categories: int) -> int:
 
 
 def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
-    """``cfg`` with the fitted settings when ``auto.enabled``, else ``cfg`` unchanged."""
-    if not cfg.auto.enabled:
+    """``cfg`` with the fitted settings when ``auto.enabled``, else ``cfg`` unchanged. A fitted
+    config is returned as it is (so a category trained on its own keeps the run's fit)."""
+    if not cfg.auto.enabled or cfg.auto.fitted:
         return cfg
     categories = cfg.categories()
     size = fitted_image_size(native_size(cfg, root, categories), cfg.auto.max_image_size)
@@ -82,5 +83,6 @@ def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
         "data": {"image_size": size},
         "unet": {"channel_mult": mult, "attention_resolutions": [16]},
         "train": {"iterations": steps, "checkpoint_every": max(1, steps // 2)},
+        "auto": {"fitted": True},
     }
     return config_from_dict(_deep_merge(cfg.to_dict(), update))

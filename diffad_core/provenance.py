@@ -1,5 +1,5 @@
-"""What produced a result: git SHA, library versions, config and data hashes, machine (DESIGN.md
-"MLflow" tags). A plain library: it never imports mlflow or prefect (their versions come from
+"""What produced a result: git SHA, library versions, config and data hashes, machine (the MLflow
+tags of docs/internals.md "Pipeline"). A plain library: it never imports mlflow or prefect (their versions come from
 ``importlib.metadata``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cache keys, result storage and retry rules for the Prefect tasks (DESIGN.md "Prefect").
+"""Cache keys, result storage and retry rules for the Prefect tasks (docs/internals.md "Pipeline").
 
 A trained model is cached by (categories, the hash of the model-defining config, the
 dataset manifest hash, the code version, the run date). The code version is the package version plus a hash of the

@@ -1,4 +1,4 @@
-"""Prefect tasks: thin wrappers over the use cases of ``diffad_core.usecases`` (DESIGN.md "Prefect").
+"""Prefect tasks: thin wrappers over the use cases of ``diffad_core.usecases`` (docs/internals.md "Pipeline").
 
 Each task does one step of a category or a run (prepare data and weights, train (cached by its
 inputs), reconstruct with Algorithm 1, score with Eq. 11 into the parquet partition, metrics,
@@ -77,8 +77,8 @@ def fit_config(cfg: DiffadConfig, data: PreparedData) -> DiffadConfig:
 
 @task(name="prepare-weights", **_TRANSIENT_ONLY)
 def prepare_weights(cfg: DiffadConfig) -> list[WeightsInfo]:
-    """Fetch and verify every pretrained weight once, before any training (DESIGN.md
-    "Pretrained weights"): the two backbones and the ImageNet ADM the UNet starts from."""
+    """Fetch and verify every pretrained weight once, before any training (docs/method.md
+    "Network"): the two backbones and the ImageNet ADM the UNet starts from."""
     out = []
     for role, section in (("features", cfg.features), ("padim", cfg.padim)):
         load_backbone(section.weights, tuple(section.out_indices))
@@ -186,6 +186,14 @@ def _weights_note(weights: list[WeightsInfo]) -> str:
     return "; ".join(parts)
 
 
+def _computation(cfg: DiffadConfig) -> str:
+    """Which of the two scorings a run's numbers come from (docs/method.md)."""
+    s = cfg.score
+    official = s.official_timestep_quirk and s.feature_map_size == 16 and s.kl_unbiased_std
+    return ("the official code's computation" if official else
+            "refined scoring" + (", maps calibrated on held-out normals" if s.calibrate_maps else ""))
+
+
 @task(name="build-report", cache_policy=NO_CACHE)
 def report_task(cfg: DiffadConfig, run_id: str, manifest: str | None, decisions: dict[str, str],
                 weights: list[WeightsInfo], data_root: str | None, mlflow_run_id: str | None) -> dict[str, str]:
@@ -194,7 +202,8 @@ def report_task(cfg: DiffadConfig, run_id: str, manifest: str | None, decisions:
     out_dir = diffad_home().resolve() / "reports" / run_id
     label = "unified" if cfg.mode == "unified" else "per-category"
     paths = build_report(run_dir(run_id), out_dir, dataset=cfg.data.dataset,
-                         title=f"diffad {cfg.data.dataset} ({label}, preset {cfg.preset})",
+                         title=f"diffad {cfg.data.dataset} ({label}, preset {cfg.preset}: "
+                               f"{_computation(cfg)})",
                          registry_decisions=decisions or None,
                          provenance=run_provenance(cfg, manifest),
                          weights_note=_weights_note(weights), data_root=data_root)

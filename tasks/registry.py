@@ -1,4 +1,4 @@
-"""MLflow model registry: challengers, champions and ``models:/`` checkpoints (DESIGN.md "MLflow").
+"""MLflow model registry: challengers, champions and ``models:/`` checkpoints (docs/internals.md "Pipeline").
 
 A checkpoint directory (model.safetensors, padim.safetensors, config.json, meta.json) is logged as
 plain run artifacts under ``checkpoint/`` and registered as a version of

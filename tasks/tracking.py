@@ -1,4 +1,4 @@
-"""MLflow tracking for the pipeline (DESIGN.md "MLflow").
+"""MLflow tracking for the pipeline (docs/internals.md "Pipeline").
 
 Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids, never the fluent
 "active run" stack, so a child run can be opened in another thread, process or machine from the

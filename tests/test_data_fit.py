@@ -35,7 +35,9 @@ def test_fit_to_a_folder(tmp_path: Path) -> None:
     fitted = fit_to_data(cfg, root)
     assert fitted.data.image_size == 80 and fitted.unet.channel_mult == [1, 2, 2]
     assert fitted.train.iterations >= 150 and fitted.categories() == ["brick", "coffee"]
-    assert fit_to_data(fitted, root) == fitted  # idempotent: a rerun reuses the trained models
+    assert fitted.auto.fitted and fit_to_data(cfg, root) == fitted  # a rerun fits the same
+    one = fitted.model_copy(update={"data": fitted.data.model_copy(update={"categories": ["brick"]})})
+    assert fit_to_data(one, root) is one  # a category trained alone keeps the run's fit
     demo = load_config("cpu-demo")
     assert fit_to_data(demo, root) is demo  # only when auto.enabled
 

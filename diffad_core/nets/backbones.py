@@ -1,4 +1,4 @@
-"""timm backbones with verified pretrained weights (DESIGN.md "Pretrained weights").
+"""timm backbones with verified pretrained weights (docs/method.md "Network").
 
 ``load_backbone`` builds a frozen-able timm ``features_only`` model from a ``WeightsConfig``:
 random weights, a local (or ``pkg://``) file checked against its sha256, or timm's hub. Files in

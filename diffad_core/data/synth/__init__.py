@@ -1,4 +1,4 @@
-"""Synthetic MVTec-AD-format dataset: the embedded default data (DESIGN.md, data/).
+"""Synthetic MVTec-AD-format dataset: the embedded default data (docs/internals.md "Data").
 
 Four categories (``config.SYNTH_CATEGORIES``): two textures ("weave", "gravel") and two
 objects ("washer", RGB; "bolt", grayscale), rendered in ``scenes``. Defects are painted on a

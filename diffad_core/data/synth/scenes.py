@@ -77,7 +77,8 @@ def _weave_image(rng: np.random.Generator, size: int, period_scale: float = 1.0,
     seg = table[cu.astype(np.int64) % 16, cv.astype(np.int64) % 16]
     across = np.where(warp_on_top, fu, fv)
     along = np.where(warp_on_top, fv, fu)
-    profile = np.sin(np.pi * across) ** 0.6  # round thread, dark gaps between threads
+    # round thread, dark gaps between threads (clipped: float rounding can make sin(pi x) < 0)
+    profile = np.clip(np.sin(np.pi * across), 0.0, None) ** 0.6
     dive = 0.78 + 0.22 * np.sin(np.pi * along)  # darker where the thread dives under
     fibre = 0.03 * np.sin(2 * np.pi * (3.0 * across + 0.3 * along))
     shade = (0.30 + 0.70 * profile) * dive + fibre + seg

@@ -34,7 +34,7 @@ from diffad_core.config import SynthConfig
 from diffad_core.data.synth.defects import MAX_TRIES, PAINTERS, draw_severity, min_defect_area
 from diffad_core.data.synth.scenes import CATEGORY_CHANNELS, CATEGORY_DEFECTS, category_spec
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: no NaN in weave at sizes where sin(pi x) rounded below 0
 MARKER_NAME = ".diffad_synth.json"
 _TMP_PREFIX = ".tmp-synth-"
 
