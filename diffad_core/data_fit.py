@@ -5,8 +5,10 @@ The rule is deterministic (the same data gives the same config, so a rerun reuse
 models) and is applied once, right after the dataset is resolved:
 
 - **image size:** as large as the images allow (their shortest side), capped at
-  ``auto.max_image_size``, rounded down to a multiple of 16: a defect 1-3 px wide in a 256 px
-  photograph stays at least half a pixel wide at 128 px, where 64 px would blur it away;
+  ``auto.max_image_size``, rounded down to a multiple of 16. The cap trades detail for training
+  steps within the budget: a defect 1-3 px wide in a 256 px photograph stays half a pixel wide at
+  128 px but blurs away at 64 px, while 128 px gets a quarter of the steps. The ``cpu`` preset's
+  cap (64) was chosen on the synthetic family (bench/tune_cpu.txt);
 - **network depth:** one UNet level per halving down to 16 px (attention at 16 px), so the
   receptive field covers the same share of the image at every size; the feature head reads H/4;
 - **training length:** as many steps as fit ``auto.train_share`` of ``auto.time_budget_minutes``
