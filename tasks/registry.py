@@ -3,7 +3,7 @@
 A checkpoint directory (model.safetensors, padim.safetensors, config.json, meta.json) is logged as
 plain run artifacts under ``checkpoint/`` and registered as a version of
 ``diffad-<dataset>-<category>`` (``diffad-<dataset>-unified`` for the unified model). No pickled
-module: :func:`diffad_core.train.load_model` reads the same files back. A new version gets the
+module: :func:`diffad_core.model.load_model` reads the same files back. A new version gets the
 alias ``challenger``; it becomes ``champion`` only when it is not worse than the current champion
 on PRO and pixel AUROC beyond a tolerance (or when there is no champion yet). The decision is
 stored as version tags ``promotion_decision`` and ``promotion_reason``.
@@ -106,7 +106,7 @@ def register_checkpoint(
             client.log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT)
     try:
         client.create_registered_model(name, description="diffad checkpoint "
-                                       "(Lu et al., ICCV 2023); load with diffad_core.train.load_model")
+                                       "(Lu et al., ICCV 2023); load with diffad_core.model.load_model")
     except MlflowException as exc:
         if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
             raise

@@ -13,6 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from diffad_core.cli import main
 from PIL import Image
 
 from diffad_core import results as R
@@ -315,11 +317,11 @@ def test_migrate_old_format_run(tmp_path: Path) -> None:
     recs = make_records("wood", 2, 3)
     recon = np.random.default_rng(5).integers(0, 255, (8, 8, 3), dtype=np.uint8)
     _write_old_format_partition(run, "wood", recs, recon)
-    with pytest.raises(R.ResultsSchemaError, match="migrate_run"):
+    with pytest.raises(R.ResultsSchemaError, match="evaluate --migrate"):
         R.read_scores(run)
     assert R.is_legacy_partition(run, "wood")
 
-    assert R.migrate_run(run) == ["wood"]
+    assert main(["evaluate", "--migrate", "--run-dir", str(run)]) == 0  # the CLI way
     assert R.migrate_run(run) == []  # already converted
     assert not R.is_legacy_partition(run, "wood")
     df = R.read_scores(run)

@@ -58,6 +58,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("evaluate", help="metrics from a run's parquet files only")
     p.add_argument("--run-dir", required=True, help="results/<run_id> folder")
+    p.add_argument("--migrate", action="store_true",
+                   help="first convert a run written by diffad before the tensor parquet format")
     command(p, _evaluate)
 
     p = subparsers.add_parser("predict", help="anomaly heat-map overlays and scores of image files")
@@ -180,6 +182,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CliError(f"run folder {run_dir} does not exist")
+    if args.migrate:
+        for category in results.migrate_run(run_dir):
+            print(f"migrated {category}")
     table = results.evaluate_run(run_dir)
     print(table.to_string(index=False))
     print(f"wrote {run_dir / 'metrics.parquet'}")

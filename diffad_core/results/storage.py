@@ -157,7 +157,7 @@ def validate_score_file(path: str | Path) -> pa.Schema:
     if "image_path" in schema.names or "input_png" in schema.names:
         raise ResultsSchemaError(
             f"{path}: written by the results format before version {FORMAT_VERSION} (maps as "
-            "bytes); convert the run with diffad_core.results.migrate_run(run_dir)")
+            "bytes); convert the run with `diffad evaluate --migrate --run-dir RUN_DIR`")
     for name in _REQUIRED:
         if schema.get_field_index(name) < 0:
             raise ResultsSchemaError(f"{path}: column {name!r} is missing")
