@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -136,6 +137,17 @@ def _table(outcomes: dict[str, CategoryOutcome], rows: list[CategoryMetrics]) ->
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Registration:
+    """One model to register: under ``label``, from ``checkpoint``, logged to ``mlflow_run``."""
+
+    label: str
+    mlflow_run: str
+    checkpoint: str
+    metrics: CategoryMetrics
+    train_key: str | None
+
+
 def _register(cfg: DiffadConfig, run_id: str, parent: str, rows: list[CategoryMetrics],
               fresh: list[CategoryOutcome], unified: TrainedModel | None) -> tuple[dict[str, str], list[str]]:
     """Register what this invocation trained or scored; returns (decision per model, problems)."""
@@ -143,13 +155,15 @@ def _register(cfg: DiffadConfig, run_id: str, parent: str, rows: list[CategoryMe
     problems: list[str] = []
     by_cat = {r.category: r for r in rows}
     if unified is not None:
-        jobs = [("unified", parent, unified.checkpoint_dir, by_cat["mean"], unified.train_key)] if fresh else []
+        jobs = [_Registration("unified", parent, unified.checkpoint_dir, by_cat["mean"], unified.train_key)] \
+            if fresh else []
     else:
-        jobs = [(o.category, o.mlflow_run_id or parent, o.checkpoint_dir or "", by_cat[o.category], o.train_key)
-                for o in fresh]
-    for label, mlflow_run, ckpt, metrics, key in jobs:
-        state = p.register_task(cfg, mlflow_run, ckpt, label, metrics, run_id, key, return_state=True)
-        model = registry.model_name(cfg.data.dataset, label)
+        jobs = [_Registration(o.category, o.mlflow_run_id or parent, o.checkpoint_dir or "",
+                              by_cat[o.category], o.train_key) for o in fresh]
+    for job in jobs:
+        state = p.register_task(cfg, job.mlflow_run, job.checkpoint, job.label, job.metrics, run_id,
+                                job.train_key, return_state=True)
+        model = registry.model_name(cfg.data.dataset, job.label)
         if state.is_completed():
             d = state.result()
             verdict = ("unchanged" if not d.registered
