@@ -1,12 +1,15 @@
-"""Atomic file writes: a temporary file in the target folder, then ``os.replace``.
+"""Atomic file writes: a temporary file in the target folder, then ``os.replace``; and atomic
+folder replacement (a staged folder swapped in by renames).
 
-A crash leaves either the old file or the new one, never half of one.
+A crash leaves either the old file or folder or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,3 +33,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Put the finished folder ``staging`` at ``final`` (same parent) by two renames: an existing
+    ``final`` first moves aside to the hidden ``.old-<name>-<hex>``, is put back if the second
+    rename fails, and is deleted only once the new folder is in place. Readers see the old folder
+    or the new one, never a mix."""
+    old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

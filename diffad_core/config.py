@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from diffad_core.presets import LITE0_PACKAGE_FILE, PRESETS
+from diffad_core.presets import PRESETS
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -26,6 +26,8 @@ MVTEC_CATEGORIES: tuple[str, ...] = (
 )
 BTAD_CATEGORIES: tuple[str, ...] = ("01", "02", "03")
 SYNTH_CATEGORIES: tuple[str, ...] = ("weave", "gravel", "washer", "bolt")
+# The dataset layouts the data layer reads (``data.layouts``).
+DATASET_KINDS: tuple[str, ...] = ("mvtec", "btad", "folder", "synthetic")
 # The scorers a run can report beside Eq. 11 (``score.ablations``; computed in score.py): each
 # term alone, the RGB error, the PaDiM baseline, and Eq. 11 under two scoring variants on the
 # same checkpoint and noise (issue #7): the feature grid at H/4 instead of
@@ -96,7 +98,7 @@ def _default_sources() -> dict[str, DownloadSource]:
 
 
 class DataConfig(_Section):
-    dataset: Literal["mvtec", "btad", "folder", "synthetic"] = "mvtec"
+    dataset: Literal[DATASET_KINDS] = "mvtec"
     root: str | None = None  # None: $DIFFAD_HOME/data/<dataset>
     categories: list[str] | None = None  # None: every category found / the dataset's list
     image_size: int = 256
@@ -349,6 +351,10 @@ class DiffadConfig(_Section):
 
     def model_hash(self) -> str:
         return _hash_dict(self.model_definition())
+
+    def with_changes(self, changes: dict[str, Any]) -> DiffadConfig:
+        """This config with ``changes`` (a nested partial config) merged in, validated."""
+        return config_from_dict(_deep_merge(self.to_dict(), changes))
 
     def with_evaluation_settings(self, other: DiffadConfig) -> DiffadConfig:
         """This (a checkpoint's) config with ``other``'s evaluation-time sections."""

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
-
-from diffad_core.config import DiffadConfig, config_from_dict
+from diffad_core.config import DiffadConfig
 from diffad_core.data.io import image_size
 from diffad_core.data.layouts import list_samples
 
@@ -32,13 +30,6 @@ from diffad_core.data.layouts import list_samples
 _SECONDS_PER_IMAGE_AT_64 = 0.113
 _MIN_STEPS, _MAX_STEPS = 150, 1500
 _SIZES_CHECKED = 8  # train images per category whose header is read
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def native_size(cfg: DiffadConfig, root: Path, categories: list[str]) -> int:
@@ -87,4 +78,4 @@ def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
         "train": {"iterations": steps, "checkpoint_every": max(1, steps // 2)},
         "auto": {"fitted": True},
     }
-    return config_from_dict(_deep_merge(cfg.to_dict(), update))
+    return cfg.with_changes(update)

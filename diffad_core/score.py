@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffad_core.config import ABLATIONS, ScoreConfig
+from diffad_core.config import ScoreConfig
 from diffad_core.data import PreparedSplit
 from diffad_core.diffusion import kl_map_bits, model_timesteps, p_mean_variance, q_sample
 from diffad_core.model import DiffadModel

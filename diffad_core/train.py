@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import zlib
@@ -34,6 +33,7 @@ from diffad_core.model import (
     diffusion_schedule,
     finished_meta,
     save_model,
+    stored_config,
     versions,
 )
 from diffad_core.nets import build_unet
@@ -140,8 +140,7 @@ def _finished(out_dir: Path, cfg: DiffadConfig) -> dict[str, Any] | None:
     meta = finished_meta(out_dir)
     if meta is None:
         return None
-    stored = (out_dir / "config.json").read_text()
-    if _comparable(json.loads(stored)) != _comparable(cfg.to_dict()):
+    if stored_config(out_dir).model_definition() != cfg.model_definition():
         raise TrainError(
             f"{out_dir} already holds a model trained with a different config; choose another "
             "output folder or delete it"

@@ -144,6 +144,7 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
     held-out normal training images (``validation.calibrate``).
     """
     cfg, model = ev.cfg, ev.model
+    resolve_dataset(cfg, progress=progress)  # the held-out normals and the test split
     calibration = calibrate(model, cfg, category) if cfg.score.calibrate_maps else None
     choice = None
     if alpha is not None:
@@ -153,7 +154,6 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
         alpha, source = choice.alpha, choice.source
     else:
         alpha, source = cfg.score.alpha, "config"
-    resolve_dataset(cfg, progress=progress)
     prepared = prepare_split(cfg, category, "test")
     recon = reconstructions.images if reconstructions is not None else {}
     start = time.perf_counter()

@@ -58,7 +58,7 @@ def train_category(
         train = unified
         if train is None:
             # A category's model does not depend on which other categories share the run.
-            train_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"categories": [category]})})
+            train_cfg = cfg.with_changes({"data": {"categories": [category]}})
             train, cached = train_or_restore(train_cfg, [category], label, manifest_hash, date)
             ml.log_training(child, train, cached=cached)
         model_version = f"{label}@{train.train_key}"

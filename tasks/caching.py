@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from PIL import UnidentifiedImageError
+from prefect.cache_policies import NO_CACHE
 
 import diffad_core
 from diffad_core.config import ConfigError, DiffadConfig, diffad_home
@@ -95,3 +96,8 @@ def retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
     except Exception as err:  # the state could not even give back its exception
         exc = err
     return is_transient(exc if isinstance(exc, BaseException) else None)
+
+
+# Task options: retry transient failures only; TRANSIENT_ONLY also never caches the result.
+RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_condition}
+TRANSIENT_ONLY: dict[str, Any] = {"cache_policy": NO_CACHE, **RETRY}

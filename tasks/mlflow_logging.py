@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from diffad_core import results
 from diffad_core.config import DiffadConfig, diffad_home
@@ -26,8 +25,6 @@ from tasks import caching, tracking
 from tasks.records import CategoryMetrics, TrainedModel, WeightsInfo
 from tasks.runs import flow_run_id, run_dir
 
-_RETRY = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": caching.retry_condition}
-_TRANSIENT_ONLY = {"cache_policy": NO_CACHE, **_RETRY}
 _LOGGED = ("pixel_auroc", "pro", "image_auroc", "n_test", "score_ms_per_image",
            "reconstruct_ms_per_image", "train_seconds", "alpha")
 
@@ -48,7 +45,7 @@ def provenance_tags(cfg: DiffadConfig, manifest_hash: str | None) -> dict[str, A
     return tags
 
 
-@task(name="mlflow-open-run", **_TRANSIENT_ONLY)
+@task(name="mlflow-open-run", **caching.TRANSIENT_ONLY)
 def open_mlflow_run(cfg: DiffadConfig, run_name: str, manifest_hash: str | None,
                     tags: dict[str, Any], parent_run_id: str | None = None) -> str:
     """Open an MLflow run (a child when ``parent_run_id`` is given) with the resolved config as
@@ -57,12 +54,12 @@ def open_mlflow_run(cfg: DiffadConfig, run_name: str, manifest_hash: str | None,
     return tracking.start_run(cfg, run_name, all_tags, parent_run_id=parent_run_id)
 
 
-@task(name="mlflow-close-run", **_TRANSIENT_ONLY)
+@task(name="mlflow-close-run", **caching.TRANSIENT_ONLY)
 def close_mlflow_run(mlflow_run_id: str, status: str = "FINISHED") -> None:
     tracking.end_run(mlflow_run_id, status)
 
 
-@task(name="mlflow-log-weights", **_TRANSIENT_ONLY)
+@task(name="mlflow-log-weights", **caching.TRANSIENT_ONLY)
 def log_weights(mlflow_run_id: str, weights: list[WeightsInfo]) -> None:
     """Which pretrained weights the run used, with their sha256 (the ADM's is recorded on its
     first download: it is not published)."""
@@ -70,7 +67,7 @@ def log_weights(mlflow_run_id: str, weights: list[WeightsInfo]) -> None:
                                       for w in weights})
 
 
-@task(name="mlflow-log-training", **_TRANSIENT_ONLY)
+@task(name="mlflow-log-training", **caching.TRANSIENT_ONLY)
 def log_training(mlflow_run_id: str, train: TrainedModel, cached: bool) -> None:
     """The loss curve (step-wise), training time, checkpoint location and the table of tensors
     loaded from / re-initialised after the ImageNet ADM checkpoint."""
@@ -85,7 +82,7 @@ def log_training(mlflow_run_id: str, train: TrainedModel, cached: bool) -> None:
         tracking.log_dict(mlflow_run_id, {"init_report": train.init_report}, "init_report.json")
 
 
-@task(name="mlflow-log-category", **_TRANSIENT_ONLY)
+@task(name="mlflow-log-category", **caching.TRANSIENT_ONLY)
 def log_category(mlflow_run_id: str, run_id: str, category: str, metrics: CategoryMetrics,
                  scored: ScoreOutcome) -> None:
     """The three metrics and timings, how alpha was chosen, the map calibration, and heat-map /
@@ -120,7 +117,7 @@ def _category_figures(run_id: str, category: str, out_dir: Path, limit: int = 4)
     return out
 
 
-@task(name="mlflow-log-run-metrics", **_TRANSIENT_ONLY)
+@task(name="mlflow-log-run-metrics", **caching.TRANSIENT_ONLY)
 def log_run_metrics(mlflow_run_id: str, rows: list[CategoryMetrics]) -> None:
     """Per-category and mean metrics on the parent run (``<category>.<metric>``)."""
     values: dict[str, float | None] = {}

@@ -42,12 +42,10 @@ from tasks.records import (
 )
 from tasks.runs import run_dir
 
-_RETRY = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": caching.retry_condition}
-_TRANSIENT_ONLY = {"cache_policy": NO_CACHE, **_RETRY}
 
 
 # ----------------------------------------------------------------------------- preparation
-@task(name="prepare-data", **_TRANSIENT_ONLY)
+@task(name="prepare-data", **caching.TRANSIENT_ONLY)
 def prepare_data(cfg: DiffadConfig) -> PreparedData:
     """Synthesize, verify or download the dataset (as the config says) and hash its manifest."""
     root = resolve_dataset(cfg, progress=True)
@@ -66,8 +64,7 @@ def prepare_data(cfg: DiffadConfig) -> PreparedData:
 def fit_config(cfg: DiffadConfig, data: PreparedData) -> DiffadConfig:
     """The run's config with the resolved data folder and categories, and (``auto.enabled``,
     the ``cpu`` preset) the settings fitted to the data (``data_fit.fit_to_data``)."""
-    located = cfg.model_copy(update={"data": cfg.data.model_copy(
-        update={"root": data.root, "categories": data.categories})})
+    located = cfg.with_changes({"data": {"root": data.root, "categories": data.categories}})
     fitted = fit_to_data(located, Path(data.root))
     if fitted is not located:
         get_run_logger().info("fitted to the data: image size %d, UNet levels %s, %d training steps",
@@ -75,7 +72,7 @@ def fit_config(cfg: DiffadConfig, data: PreparedData) -> DiffadConfig:
     return fitted
 
 
-@task(name="prepare-weights", **_TRANSIENT_ONLY)
+@task(name="prepare-weights", **caching.TRANSIENT_ONLY)
 def prepare_weights(cfg: DiffadConfig) -> list[WeightsInfo]:
     """Fetch and verify every pretrained weight once, before any training (docs/method.md
     "Network"): the two backbones and the ImageNet ADM the UNet starts from."""
@@ -96,7 +93,7 @@ def prepare_weights(cfg: DiffadConfig) -> list[WeightsInfo]:
 
 # ----------------------------------------------------------------------------- training
 @task(name="train-model", cache_key_fn=caching.train_cache_key, persist_result=True,
-      task_run_name="train-{label}", **_RETRY)
+      task_run_name="train-{label}", **caching.RETRY)
 def train_model_task(cfg: DiffadConfig, categories: list[str], label: str, manifest_hash: str,
                      date: str | None = None) -> TrainedModel:
     """Train (or resume) the model for ``categories``; cached by category, model-defining
@@ -110,13 +107,13 @@ def train_model_task(cfg: DiffadConfig, categories: list[str], label: str, manif
 
 
 # ----------------------------------------------------------------------------- per category
-@task(name="reconstruct", task_run_name="reconstruct-{category}", **_TRANSIENT_ONLY)
+@task(name="reconstruct", task_run_name="reconstruct-{category}", **caching.TRANSIENT_ONLY)
 def reconstruct_task(cfg: DiffadConfig, checkpoint: str, category: str) -> ReconstructionOutcome:
     """Gradient-denoising reconstruction (Algorithm 1) of the test images, anomalous first."""
     return reconstruct_category(load_for_evaluation(Path(checkpoint), cfg), category)
 
 
-@task(name="score-and-write", task_run_name="score-{category}", **_TRANSIENT_ONLY)
+@task(name="score-and-write", task_run_name="score-{category}", **caching.TRANSIENT_ONLY)
 def score_task(cfg: DiffadConfig, checkpoint: str, category: str, run_id: str, model_version: str,
                reconstructions: ReconstructionOutcome) -> ScoreOutcome:
     """Score the test set (Eq. 11) and write the category's parquet partition, streaming, with
@@ -148,7 +145,7 @@ def aggregate(cfg: DiffadConfig, run_id: str, timings: dict[str, dict[str, float
     return _rows(table)
 
 
-@task(name="register-model", **_TRANSIENT_ONLY)
+@task(name="register-model", **caching.TRANSIENT_ONLY)
 def register_task(cfg: DiffadConfig, mlflow_run_id: str, checkpoint: str, label: str,
                   metrics: CategoryMetrics, run_id: str, train_key: str | None = None) -> RegistryOutcome:
     """Register the checkpoint as ``registry.model_name(dataset, label)`` (alias challenger) and

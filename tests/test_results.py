@@ -19,7 +19,8 @@ from PIL import Image
 
 from diffad_core import results as R
 from diffad_core.results import storage
-from diffad_core.score import ABLATIONS, ScoreRecord
+from diffad_core.config import ABLATIONS
+from diffad_core.score import ScoreRecord
 from tests.results_helpers import make_records
 
 

@@ -16,8 +16,7 @@ from diffad_core.cli._common import (
     command,
     config_from_args,
 )
-
-_DATASETS = ("mvtec", "btad", "folder", "synthetic")
+from diffad_core.config import DATASET_KINDS
 
 
 def register(subparsers: Any) -> None:
@@ -27,7 +26,7 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("verify", help="decode every image and mask, count, hash the dataset")
     p.add_argument("--root", required=True, type=Path, help="the dataset folder")
-    p.add_argument("--dataset", default="mvtec", choices=_DATASETS)
+    p.add_argument("--dataset", default="mvtec", choices=DATASET_KINDS)
     add_category_argument(p, "only this category (default: all found)")
     p.add_argument("--manifest-out", type=Path, default=None, metavar="FILE",
                    help="write the manifest (paths, sizes, sha256, hash) as JSON")

@@ -16,7 +16,7 @@ from diffad_core.cli._common import (
     command,
     config_from_args,
 )
-from diffad_core.config import DiffadConfig
+from diffad_core.config import DATASET_KINDS, DiffadConfig
 
 
 def register(subparsers: Any) -> None:
@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
         description="Run the full-benchmark Prefect flow. With the default local executor no "
                     "server is needed (Prefect's ephemeral mode).")
     add_config_arguments(p, default_preset=None)
-    p.add_argument("--dataset", default=None, choices=("mvtec", "btad", "folder", "synthetic"),
+    p.add_argument("--dataset", default=None, choices=DATASET_KINDS,
                    help="data.dataset (default: the preset's)")
     p.add_argument("--root", default=None, help="data.root (default: $DIFFAD_HOME/data/<dataset>)")
     add_category_argument(p, "data.categories: benchmark only this category (default: all)")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -44,6 +43,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
+
+from diffad_core._atomic import replace_dir
 
 MARKER_NAME = ".diffad_heldout.json"
 DEFECTS: tuple[str, ...] = ("crack", "spot", "missing", "foreign", "smear")
@@ -407,13 +408,7 @@ def generate_heldout(root: Path, *, seed: int = 0, size: int = 256, n_train: int
             with tqdm(total=total, desc=f"heldout {category}", disable=not progress) as bar:
                 _build_category(tmp, category, settings, bar)
             (tmp / MARKER_NAME).write_text(json.dumps(settings, indent=1, sort_keys=True))
-            if target.exists():  # move the stale copy aside first: readers never see a mix
-                stale = Path(tempfile.mkdtemp(prefix=".tmp-heldout-old-", dir=root))
-                os.replace(target, stale / category)
-                os.replace(tmp, target)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)  # readers never see a mix of old and new files
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

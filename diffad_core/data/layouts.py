@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASET_KINDS: tuple[str, ...] = ("mvtec", "btad", "folder", "synthetic")
+from diffad_core.config import DATASET_KINDS
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 SPLITS: tuple[str, ...] = ("train", "test")
 

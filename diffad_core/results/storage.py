@@ -13,7 +13,7 @@ Columns (format version 2; maps are Arrow tensors, readable without diffad)::
     map_height, map_width               int32 (the same for every row of a partition)
     anomaly_map                         fixed_shape_tensor<float16>[H, W] (Eq. 11)
     <scorer>_map for each scorer of     fixed_shape_tensor<float16>[H, W]: kl_map, feature_map,
-      score.ABLATIONS                     rgb_map, ...; stored when every record has that map
+      config.ABLATIONS                    rgb_map, ...; stored when every record has that map
     mask                                fixed_shape_tensor<uint8>[H, W] {0, 1}; absent = no ground truth
     reconstruction, input_image         list<uint8>: the (H, W, 3) RGB image in C order; null = not made
     score_<scorer>                      float64, null = not computed
@@ -42,8 +42,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from diffad_core._atomic import atomic_write
-from diffad_core.config import ABLATIONS  # the scorer names' one definition (score.py uses it)
+from diffad_core._atomic import atomic_write, replace_dir
+from diffad_core.config import ABLATIONS  # the scorer names' one definition
 
 if TYPE_CHECKING:
     from diffad_core.score import ScoreRecord
@@ -332,7 +332,7 @@ def _write_partition(run_dir: Path, category: str, rows: Iterable[dict[str, Any]
                 batch = []
         if batch or not names:  # an empty category still gets one (empty) part with a schema
             names.append(_write_part(staging, len(names), batch, schema or _schema_of(None, meta)))
-        _swap_in(staging, final, token)
+        _swap_in(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -362,26 +362,17 @@ def _write_part(directory: Path, index: int, rows: list[dict[str, Any]], schema:
     return name
 
 
-def _swap_in(staging: Path, final: Path, token: str) -> None:
-    """Replace ``final`` by ``staging`` with two renames; on failure the old generation is put
-    back. The old generation is deleted only once the new one is in place."""
-    old = final.parent / f".old-{final.name}-{token}"
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(staging, final)
-    except BaseException:
-        if old.exists() and not final.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` (``_atomic.replace_dir``), then remove the leftovers of
+    interrupted earlier writes."""
+    replace_dir(staging, final)
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
         # leftovers of an interrupted earlier write (one category has one writer at a time)
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def _restore_interrupted_swap(final: Path) -> None:
-    """A crash between the two renames of :func:`_swap_in` leaves only ``.old-<name>-*``: put it
+    """A crash between the two renames of ``replace_dir`` leaves only ``.old-<name>-*``: put it
     back before writing, so that a failure of this write still leaves the old partition."""
     olds = sorted(final.parent.glob(f".old-{final.name}-*"), key=lambda p: p.stat().st_mtime)
     if not final.exists() and olds:

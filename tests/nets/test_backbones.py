@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from diffad_core.config import LITE0_PACKAGE_FILE, WeightsConfig
+from diffad_core.config import WeightsConfig
+from diffad_core.presets import LITE0_PACKAGE_FILE
 from diffad_core.nets import WeightsError, create_timm_model, load_backbone, resolve_weights_file
 from diffad_core.nets.backbones import lukemelas_to_timm
 

@@ -16,7 +16,6 @@ and renamed into place, so a crash never leaves a half category.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -29,7 +28,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from diffad_core._atomic import atomic_write_text
+from diffad_core._atomic import atomic_write_text, replace_dir
 from diffad_core.config import SynthConfig
 from diffad_core.data.synth.defects import MAX_TRIES, PAINTERS, draw_severity, min_defect_area
 from diffad_core.data.synth.scenes import CATEGORY_CHANNELS, CATEGORY_DEFECTS, category_spec
@@ -228,16 +227,10 @@ def _generate_category(root: Path, category: str, cfg: SynthConfig,
     try:
         _write_category(tmp_dir, category, cfg, tick)
         (tmp_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            if _is_complete(target, marker):  # another process finished it meanwhile
-                shutil.rmtree(tmp_dir)
-                return
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{category}-old-", dir=root))
-            os.replace(target, old / category)
-            os.replace(tmp_dir, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, target)
+        if target.exists() and _is_complete(target, marker):  # another process finished it meanwhile
+            shutil.rmtree(tmp_dir)
+            return
+        replace_dir(tmp_dir, target)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
