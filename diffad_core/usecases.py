@@ -24,7 +24,7 @@ from diffad_core.reconstruct import reconstruct_split
 from diffad_core.runtime import set_threads
 from diffad_core.score import MapCalibration, score_split
 from diffad_core.train import TrainResult, train_model
-from diffad_core.validation import AlphaChoice, calibrate, choose_alpha
+from diffad_core.validation import AlphaChoice, ScoringFit, fit_scoring, recorded_scoring_fit
 
 
 class UseCaseError(ValueError):
@@ -114,6 +114,16 @@ def pick_category(model: DiffadModel, category: str | None) -> str:
     return category
 
 
+def scoring_fit(ev: EvaluationModel, category: str, *, progress: bool = True) -> ScoringFit:
+    """The map calibration and "Ours*" alpha of ``category`` under the run's scoring settings:
+    the one recorded with the model, else fitted now on its held-out normals and recorded."""
+    recorded = recorded_scoring_fit(ev.model, ev.cfg, category)
+    if recorded is not None:
+        return recorded
+    resolve_dataset(ev.cfg, progress=progress)
+    return fit_scoring(ev.model, ev.cfg, category)
+
+
 def reconstruct_category(ev: EvaluationModel, category: str, *, limit: int | None = None,
                          progress: bool = True) -> ReconstructionOutcome:
     """Algorithm 1 on the category's test images, anomalous first, at most ``limit``
@@ -141,16 +151,15 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
 
     Alpha: ``alpha`` when given, else "Ours*" when ``score.alpha_per_category``, else
     ``score.alpha``. With ``score.calibrate_maps`` both terms are first standardised on the
-    held-out normal training images (``validation.calibrate``).
+    held-out normal training images. Both come from ``scoring_fit``.
     """
     cfg, model = ev.cfg, ev.model
-    resolve_dataset(cfg, progress=progress)  # the held-out normals and the test split
-    calibration = calibrate(model, cfg, category) if cfg.score.calibrate_maps else None
-    choice = None
+    resolve_dataset(cfg, progress=progress)  # the test split
+    fit = scoring_fit(ev, category, progress=progress)
+    calibration, choice = fit.calibration, fit.alpha_choice
     if alpha is not None:
         source = "--alpha"
-    elif cfg.score.alpha_per_category:
-        choice = choose_alpha(model, cfg, category, calibration)
+    elif choice is not None:
         alpha, source = choice.alpha, choice.source
     else:
         alpha, source = cfg.score.alpha, "config"

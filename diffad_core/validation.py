@@ -4,17 +4,24 @@ Both use only train/good images the trainer left out (``model.held_out``), never
 set: the calibration standardises the KL and feature maps by their statistics on those normals
 (ours, issue #8); "Ours*" (METHOD.md §3) also pastes a synthetic defect into a copy of each and
 picks the alpha of Eq. 11 with the best PRO on that validation set.
+
+Both are recorded with the model (``ScoringFit``, a JSON file per category and scoring
+settings in the checkpoint folder), so a model scores new images without its training data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from diffad_core._atomic import atomic_write_text
 from diffad_core.config import DiffadConfig
 from diffad_core.data import prepare_split
 from diffad_core.data.synth.defects import paint_defects
@@ -23,6 +30,7 @@ from diffad_core.model import DiffadModel
 from diffad_core.score import ComponentMaps, MapCalibration, anomaly_map, component_maps
 
 ALPHA_SOURCE = "synthetic anomalies on held-out train/good"
+SCORING_FIT_FOLDER = "scoring"
 
 
 class ValidationError(ValueError):
@@ -49,6 +57,14 @@ class AlphaChoice:
             "source": self.source,
             "n_validation_images": self.n_validation_images,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AlphaChoice:
+        return cls(alpha=float(data["alpha"]), grid=[float(a) for a in data["grid"]],
+                   validation_pro={float(a): float(v) for a, v in data["validation_pro"].items()},
+                   validation_pixel_auroc={float(a): float(v)
+                                           for a, v in data["validation_pixel_auroc"].items()},
+                   source=str(data["source"]), n_validation_images=int(data["n_validation_images"]))
 
 
 def held_out_normals(model: DiffadModel, cfg: DiffadConfig, category: str) -> np.ndarray:
@@ -122,3 +138,63 @@ def choose_alpha(model: DiffadModel, cfg: DiffadConfig, category: str,
         source=f"{ALPHA_SOURCE} ({len(normal)} normal + {len(normal)} synthetic images)",
         n_validation_images=len(images),
     )
+
+
+@dataclass(frozen=True)
+class ScoringFit:
+    """What one category's scoring learned from its held-out normals: the map calibration
+    (with ``score.calibrate_maps``) and the "Ours*" alpha (with ``score.alpha_per_category``);
+    either is None when not asked for."""
+
+    calibration: MapCalibration | None = None
+    alpha_choice: AlphaChoice | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calibration": self.calibration.to_dict() if self.calibration else None,
+                "alpha_choice": self.alpha_choice.to_dict() if self.alpha_choice else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoringFit:
+        cal, choice = data.get("calibration"), data.get("alpha_choice")
+        return cls(calibration=MapCalibration(**cal) if cal else None,
+                   alpha_choice=AlphaChoice.from_dict(choice) if choice else None)
+
+
+def needs_scoring_fit(cfg: DiffadConfig) -> bool:
+    return bool(cfg.score.calibrate_maps or cfg.score.alpha_per_category)
+
+
+def _scoring_fit_path(folder: Path, cfg: DiffadConfig, category: str) -> Path:
+    """``<checkpoint>/scoring/<category>-<key>.json``: the key hashes every scoring setting and
+    the seed, so a fit is reused only under the settings it was made with."""
+    blob = json.dumps({"score": cfg.score.model_dump(mode="json"), "seed": cfg.seed},
+                      sort_keys=True, separators=(",", ":"))
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return Path(folder) / SCORING_FIT_FOLDER / f"{category}-{key}.json"
+
+
+def recorded_scoring_fit(model: DiffadModel, cfg: DiffadConfig, category: str) -> ScoringFit | None:
+    """The fit recorded with the model for ``cfg.score``; None when there is none."""
+    if not needs_scoring_fit(cfg):
+        return ScoringFit()
+    if model.folder is None:
+        return None
+    path = _scoring_fit_path(model.folder, cfg, category)
+    if not path.is_file():
+        return None
+    try:
+        return ScoringFit.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValidationError(f"scoring fit {path} is unreadable ({exc}); delete it to refit") from exc
+
+
+def fit_scoring(model: DiffadModel, cfg: DiffadConfig, category: str) -> ScoringFit:
+    """Calibrate the maps and choose alpha as ``cfg.score`` asks, and record the result in the
+    model's checkpoint folder. Needs the category's training images."""
+    calibration = calibrate(model, cfg, category) if cfg.score.calibrate_maps else None
+    choice = choose_alpha(model, cfg, category, calibration) if cfg.score.alpha_per_category else None
+    fit = ScoringFit(calibration=calibration, alpha_choice=choice)
+    if model.folder is not None and needs_scoring_fit(cfg):
+        atomic_write_text(_scoring_fit_path(model.folder, cfg, category),
+                          json.dumps(fit.to_dict(), indent=2, sort_keys=True))
+    return fit

@@ -62,3 +62,33 @@ def test_no_held_out_images_is_a_clear_error(train_only: list[str]) -> None:
     m.held_out = lambda category: []
     with pytest.raises(validation.ValidationError, match="without held-out normal images"):
         validation.calibrate(m, m.cfg, "weave")
+
+
+def test_scoring_fit_is_recorded_with_the_model_and_reused_without_data(
+        train_only: list[str], tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #8: the calibration and the "Ours*" alpha are recorded in the checkpoint folder, so
+    scoring new images later needs no training data; other settings get their own record."""
+    m, _ = _held_out_model(**{"score.validation_fraction": 0.3, "score.calibrate_maps": True,
+                              "score.alpha_per_category": True, "score.alpha_grid": "[0.0, 0.5, 1.0]"})
+    m.folder = tmp_path
+    assert validation.recorded_scoring_fit(m, m.cfg, "weave") is None
+    fit = validation.fit_scoring(m, m.cfg, "weave")
+    assert fit.calibration is not None and fit.alpha_choice is not None
+    (record,) = (tmp_path / "scoring").glob("weave-*.json")
+
+    monkeypatch.setattr(validation, "prepare_split", lambda *a: pytest.fail("read the data"))
+    again = validation.recorded_scoring_fit(m, m.cfg, "weave")
+    assert again == fit
+    other = m.cfg.with_changes({"score": {"alpha_grid": [0.25, 0.75]}})
+    assert validation.recorded_scoring_fit(m, other, "weave") is None
+    assert validation.recorded_scoring_fit(m, m.cfg, "other") is None
+
+    record.write_text("{not json")
+    with pytest.raises(validation.ValidationError, match=str(record)):
+        validation.recorded_scoring_fit(m, m.cfg, "weave")
+
+
+def test_no_scoring_fit_is_needed_without_calibration_or_ours_star(train_only: list[str]) -> None:
+    m = _smoke_model(**{"score.calibrate_maps": False, "score.alpha_per_category": False})
+    assert validation.recorded_scoring_fit(m, m.cfg, "weave") == validation.ScoringFit()
+    assert train_only == []
