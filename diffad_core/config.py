@@ -100,6 +100,9 @@ def _default_sources() -> dict[str, DownloadSource]:
 class DataConfig(_Section):
     dataset: Literal[DATASET_KINDS] = "mvtec"
     root: str | None = None  # None: $DIFFAD_HOME/data/<dataset>
+    # The dataset's identity in registered model names (tasks/registry.py); None: the dataset
+    # kind, and for a folder also one derived from its root. Not part of the model definition.
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     categories: list[str] | None = None  # None: every category found / the dataset's list
     image_size: int = 256
     rotation_degrees: float = 5.0
@@ -346,6 +349,7 @@ class DiffadConfig(_Section):
         for section in _EVALUATION_SECTIONS:
             data.pop(section)
         data["score"] = held_out
+        data["data"].pop("name")  # names the dataset in the registry; the same images train the same
         data.pop("preset")
         return data
 
