@@ -443,10 +443,15 @@ def load_config(
     overrides: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> DiffadConfig:
-    """Build a config: defaults, then ``preset``, then ``yaml_file``, then ``--set`` overrides."""
+    """Build a config: defaults, then ``preset``, then ``yaml_file``, then ``--set`` overrides.
+
+    The preset is resolved over the defaults first, so each later layer merges into complete
+    values: ``--set features.weights.pretrained=false`` keeps the preset's ``timm_name``.
+    """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    data: dict[str, Any] = _deep_merge({"preset": preset}, PRESETS[preset])
+    data: dict[str, Any] = DiffadConfig.model_validate(
+        _deep_merge({"preset": preset}, PRESETS[preset])).to_dict()
     sources = [f"preset {preset}"]
     if yaml_file is not None:
         data = _deep_merge(data, read_config_file(yaml_file))

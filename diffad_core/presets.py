@@ -93,5 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "ema_rate": 0.9, "init_checkpoint": None},
         "score": {"batch_size": 4, **_REFINED_SCORE},
         "reconstruct": {"rounds": 2, "grad_steps": 2, "max_images_per_category": 2},
+        # One thread: torch's default (one per core) was ~80x slower on a shared, busy CPU.
+        "runtime": {"num_threads": 1},
     },
 }

@@ -94,3 +94,24 @@ def test_with_evaluation_settings_keeps_the_model_part():
     assert merged.score.alpha == 0.2 and merged.reconstruct.rounds == 7
     assert merged.train.iterations == 5 and merged.score.alpha_per_category is True
     assert merged.model_hash() == trained.model_hash()
+
+
+def test_override_merges_into_the_presets_resolved_values():
+    """Issue #10 item 5: one field of a nested model keeps the preset's other fields."""
+    cfg = load_config("paper", overrides=["data.sources.mvtec.urls=[http://127.0.0.1:9/a.tar]"])
+    mvtec = cfg.data.sources["mvtec"]
+    assert mvtec.urls == ["http://127.0.0.1:9/a.tar"]
+    assert mvtec.filename == "mvtec_anomaly_detection.tar.xz" and len(mvtec.sha256) == 64
+    cfg = load_config("paper", overrides=["features.weights.pretrained=false"])
+    assert cfg.features.weights.pretrained is False
+    assert cfg.features.weights.timm_name == load_config("paper").features.weights.timm_name
+    # the same through a YAML file
+    smoke = load_config("smoke", extra={"padim": {"weights": {"offline": True}}})
+    assert smoke.padim.weights.timm_name == "tf_efficientnet_lite0" and smoke.padim.weights.offline
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu-demo", "cpu"])
+def test_cpu_presets_set_a_thread_count(preset):
+    """Issue #10 item 9: torch's default thread count thrashes a shared CPU."""
+    threads = load_config(preset).runtime.num_threads
+    assert threads is not None and 1 <= threads * load_config(preset).runtime.local_workers <= 2
