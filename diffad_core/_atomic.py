@@ -1,7 +1,9 @@
 """Atomic file writes: a temporary file in the target folder, then ``os.replace``; and atomic
 folder replacement (a staged folder swapped in by renames).
 
-A crash leaves either the old file or folder or the new one, never half of one.
+A crash leaves either the old file or folder or the new one, never half of one; what a killed
+writer leaves behind (``.<name>.<random>.tmp``) is removed by ``remove_stale_temporaries``
+once the folder's owner holds its lock (``diffad_core.locks``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+_TMP_SUFFIX = ".tmp"
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -50,3 +55,34 @@ def replace_dir(staging: Path, final: Path) -> None:
             os.replace(old, final)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent`` to build a folder in before ``replace_dir``.
+    Unlike ``tempfile.mkdtemp`` (always 0700) it gets the umask's permissions, so the finished
+    folder is as readable as any other in a shared ``DIFFAD_HOME``."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return path
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files ``atomic_write`` leaves when killed mid-write
+    (``.<name>.<random>.tmp``) directly in ``folder``; returns them. Call it only while holding
+    the folder's lock: a live writer's temporary file would go too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(f".*{_TMP_SUFFIX}"):
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed

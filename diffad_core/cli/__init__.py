@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if _is_user_error(exc):
+            # An error that lists several problems (one per file) prints one line for each.
+            for problem in getattr(exc, "problems", None) or []:
+                print(f"{name}: {problem}", file=sys.stderr)
             print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         print(f"{name}: internal error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)

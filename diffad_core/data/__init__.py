@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "CategoryCounts": "verify",
     "VerifyReport": "verify",
     "verify_dataset": "verify",
+    "DatasetProblems": "verify",
+    "require_verified": "verify",
     "DownloadError": "download",
     "UnsafeArchiveError": "download",
     "download_file": "download",

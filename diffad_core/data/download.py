@@ -22,7 +22,6 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from diffad_core._atomic import staging_dir
 from diffad_core.config import DownloadSource
 from diffad_core.data.layouts import DataError, list_categories
 from diffad_core.data.manifest import sha256_file
@@ -255,7 +255,7 @@ def download_dataset(dataset: str, root: str | Path, source: DownloadSource, *,
     root.parent.mkdir(parents=True, exist_ok=True)
     archive = download_file(list(urls) if urls else source.urls, root.parent / source.filename,
                             expected, progress=progress, retries=retries, timeout=timeout)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.extract-", dir=root.parent))
+    tmp = staging_dir(root.parent, f".{root.name}.extract-")
     try:
         safe_extract(archive, tmp)
         found = _data_dir(tmp, dataset)

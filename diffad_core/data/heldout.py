@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from diffad_core._atomic import replace_dir
+from diffad_core._atomic import replace_dir, staging_dir
 
 MARKER_NAME = ".diffad_heldout.json"
 DEFECTS: tuple[str, ...] = ("crack", "spot", "missing", "foreign", "smear")
@@ -402,7 +401,7 @@ def generate_heldout(root: Path, *, seed: int = 0, size: int = 256, n_train: int
                 pass  # unreadable marker: regenerate
         elif target.exists():
             raise FileExistsError(f"{target} exists and was not written by generate_heldout")
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-heldout-", dir=root))
+        tmp = staging_dir(root, ".tmp-heldout-")
         try:
             total = n_train + n_test_good + n_test_per_defect * len(DEFECTS)
             with tqdm(total=total, desc=f"heldout {category}", disable=not progress) as bar:

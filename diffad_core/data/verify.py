@@ -2,16 +2,21 @@
 
 ``verify_dataset`` decodes every image and mask of the asked categories, checks that every
 anomalous test image has a mask of its size, counts images per split and defect type, and
-computes the dataset manifest. Each problem is one line naming the file.
+computes the dataset manifest. Each problem is one line naming the file. ``require_verified``
+is the same check for commands about to score (cached per category manifest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffad_core._atomic import atomic_write_text
+from diffad_core.config import diffad_home
 from diffad_core.data.io import ImageReadError, load_image, load_mask
 from diffad_core.data.layouts import (
     DataError,
@@ -99,6 +104,24 @@ def _check_sample(root: Path, dataset: str, sample: Sample) -> list[str]:
     return problems
 
 
+def _outside_root(root: Path, sample: Sample) -> list[str]:
+    """A problem per file of ``sample`` whose real path (symlinks followed) leaves ``root``."""
+    real_root = root.resolve()
+    problems = []
+    for path in (sample.image_path, sample.mask_path):
+        if path is not None and not path.resolve().is_relative_to(real_root):
+            problems.append(f"outside the root: {path} is a link to {path.resolve()}, "
+                            f"outside {real_root}")
+    return problems
+
+
+def _not_categories(root: Path) -> list[str]:
+    """A problem per visible folder at the root that is not a category (no ``train/``)."""
+    return [f"not a category: {p} has no train/ folder (empty or misplaced category?)"
+            for p in sorted(root.iterdir(), key=lambda p: p.name)
+            if p.is_dir() and not p.name.startswith(".") and not (p / "train").is_dir()]
+
+
 def verify_dataset(root: str | Path, dataset: str = "mvtec", categories: list[str] | None = None,
                    *, workers: int = 4, with_manifest: bool = True) -> VerifyReport:
     """Decode and check ``categories`` (default: all found) of the dataset at ``root``."""
@@ -117,6 +140,7 @@ def verify_dataset(root: str | Path, dataset: str = "mvtec", categories: list[st
         asked = [c for c in categories if c in found]
     else:
         asked = found
+        problems.extend(_not_categories(root))
         if not found:
             problems.append(f"empty dataset: no category folder with train/ under {root}")
 
@@ -140,6 +164,8 @@ def verify_dataset(root: str | Path, dataset: str = "mvtec", categories: list[st
         if c.test_good + sum(c.test_anomalous.values()) == 0:
             problems.append(f"empty category: {cat!r} has no test images in {root / cat / 'test'}")
         all_samples.extend(samples)
+        for sample in samples:
+            problems.extend(_outside_root(root, sample))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for sample_problems in pool.map(lambda s: _check_sample(root, dataset, s), all_samples):
@@ -151,4 +177,47 @@ def verify_dataset(root: str | Path, dataset: str = "mvtec", categories: list[st
     return VerifyReport(root, dataset, asked, problems, counts, manifest)
 
 
-__all__ = ["CategoryCounts", "VerifyReport", "verify_dataset"]
+class DatasetProblems(DataError):
+    """``verify_dataset`` found problems in categories a command needs: ``problems`` holds one
+    line per file (the CLI prints each)."""
+
+    def __init__(self, root: Path, categories: list[str], problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(f"dataset {root}: {len(problems)} problem(s) in {', '.join(categories)}; "
+                         f"refusing to use it (details: diffad data verify --root {root})")
+
+
+_VERIFIED_VERSION = 1  # bump when verify_dataset checks more
+
+
+def _verified_marker(dataset: str, category_hash: str) -> Path:
+    key = hashlib.sha256(f"{_VERIFIED_VERSION}|{dataset}|{category_hash}".encode()).hexdigest()[:32]
+    return diffad_home() / "cache" / "verified" / key
+
+
+def require_verified(root: str | Path, dataset: str, categories: list[str]) -> None:
+    """Raise :class:`DatasetProblems` unless ``verify_dataset`` finds ``categories`` clean.
+
+    Before scoring or benchmarking: a defect image without a mask, a mask of another size, an
+    unreadable file or a link out of the root must never be scored. A clean category is
+    remembered by its manifest hash (``cache/verified/`` under DIFFAD_HOME), so a rerun on the
+    same files only ``stat``s them (the manifest's hash cache); any changed file is checked again.
+    """
+    root = Path(root)
+    found = set(list_categories(root, dataset))
+    todo = list(categories)
+    if set(categories) <= found:
+        todo = [c for c in categories
+                if not _verified_marker(dataset, dataset_manifest(root, dataset, [c])["hash"]).is_file()]
+    if not todo:
+        return
+    report = verify_dataset(root, dataset, todo, with_manifest=False)
+    if report.problems:
+        raise DatasetProblems(root, todo, report.problems)
+    for cat in todo:
+        marker = _verified_marker(dataset, dataset_manifest(root, dataset, [cat])["hash"])
+        with contextlib.suppress(OSError):  # a read-only home only means checking again next time
+            atomic_write_text(marker, f"{root / cat}\n")
+
+
+__all__ = ["CategoryCounts", "DatasetProblems", "VerifyReport", "require_verified", "verify_dataset"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from diffad_core._atomic import atomic_write_text, replace_dir
+from diffad_core._atomic import atomic_write_text, replace_dir, staging_dir
 from diffad_core.config import SynthConfig
 from diffad_core.data.synth.defects import MAX_TRIES, PAINTERS, draw_severity, min_defect_area
 from diffad_core.data.synth.scenes import CATEGORY_CHANNELS, CATEGORY_DEFECTS, category_spec
@@ -223,7 +222,7 @@ def _generate_category(root: Path, category: str, cfg: SynthConfig,
                        tick: Callable[[], Any]) -> None:
     marker = _marker(category, cfg)
     target = root / category
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{category}-", dir=root))
+    tmp_dir = staging_dir(root, f"{_TMP_PREFIX}{category}-")
     try:
         _write_category(tmp_dir, category, cfg, tick)
         (tmp_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
