@@ -1,28 +1,32 @@
-"""The use cases, one function each: train, reconstruct and score a category.
+"""The use cases, one function each: train, reconstruct and score a category; score given images.
 
-The CLI (``diffad train/score/reconstruct``) and the Prefect tasks (``tasks/pipeline.py``) both
-call these; the tasks only add tracking around them. Each returns a typed record.
+The CLI (``diffad train/score/reconstruct/predict``), the Prefect tasks (``tasks/pipeline.py``)
+and the registered MLflow model (``tasks/pyfunc_model.py``) call these; the tasks only add
+tracking around them. Each returns a typed record.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffad_core import results
+from diffad_core._atomic import remove_stale_temporaries
 from diffad_core.config import DiffadConfig
-from diffad_core.data import prepare_split, resolve_dataset
+from diffad_core.data import load_image, prepare_split, require_verified, resolve_dataset
 from diffad_core.data_fit import fit_to_data
+from diffad_core.locks import file_lock
 from diffad_core.model import DiffadModel, checkpoint_dir, load_model
 from diffad_core.nets.adm_init import prepare_init_checkpoint
 from diffad_core.overlay import to_uint8_image
 from diffad_core.reconstruct import reconstruct_split
 from diffad_core.runtime import set_threads
-from diffad_core.score import MapCalibration, score_split
+from diffad_core.score import MapCalibration, score_batch, score_split
 from diffad_core.train import TrainResult, train_model
 from diffad_core.validation import AlphaChoice, ScoringFit, fit_scoring, recorded_scoring_fit
 
@@ -70,6 +74,17 @@ class ScoreOutcome:
     calibration: MapCalibration | None = None
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """Eq. 11 on a list of images: ``image_scores`` (N,), ``anomaly_maps`` (N, S, S) and the
+    preprocessed ``images`` (N, 3, S, S) in [-1, 1], float32 each, in the order given."""
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray
+    images: np.ndarray
+    alpha: float
+
+
 def default_checkpoint_dir(cfg: DiffadConfig, categories: list[str]) -> Path:
     """Where ``diffad train`` puts a model: the one layout (``model.checkpoint_dir``), keyed by
     the model-defining config."""
@@ -89,8 +104,18 @@ def train_category(cfg: DiffadConfig, categories: list[str], out_dir: Path | Non
     cfg = fit_to_data(cfg, resolve_dataset(cfg, progress=progress))
     init = prepare_init_checkpoint(cfg, progress=progress)
     out = Path(out_dir) if out_dir is not None else default_checkpoint_dir(cfg, categories)
-    return train_model(cfg, categories, out, resume=resume, progress=progress, on_log=on_log,
-                       init_weights=init.path if init is not None else None)
+    # One trainer per checkpoint folder: a second one waits, then finds the model finished
+    # (train_model resumes or reuses it). The lock file sits beside the folder, not in it.
+    with file_lock(checkpoint_lock_path(out), f"checkpoint folder {out}", wait=True):
+        remove_stale_temporaries(out)  # left by a killed trainer; nobody else writes here now
+        return train_model(cfg, categories, out, resume=resume, progress=progress, on_log=on_log,
+                           init_weights=init.path if init is not None else None)
+
+
+def checkpoint_lock_path(folder: Path) -> Path:
+    """The lock file of a checkpoint folder (``.<name>.lock`` beside it)."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
 
 
 def load_for_evaluation(checkpoint: Path, run_cfg: DiffadConfig | None = None) -> EvaluationModel:
@@ -154,7 +179,9 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
     held-out normal training images. Both come from ``scoring_fit``.
     """
     cfg, model = ev.cfg, ev.model
-    resolve_dataset(cfg, progress=progress)  # the test split
+    root = resolve_dataset(cfg, progress=progress)  # the test split
+    # Never score on broken ground truth (a defect without its mask, a stretched mask, ...).
+    require_verified(root, cfg.data.dataset, [category])
     fit = scoring_fit(ev, category, progress=progress)
     calibration, choice = fit.calibration, fit.alpha_choice
     if alpha is not None:
@@ -178,3 +205,46 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
     return ScoreOutcome(category=category, n_test=n, score_ms_per_image=1000.0 * seconds / max(1, n),
                         alpha=float(alpha), alpha_source=source, parts=list(parts),
                         alpha_choice=choice, calibration=calibration)
+
+
+def map_calibration(ev: EvaluationModel, category: str) -> MapCalibration | None:
+    """The map calibration Eq. 11 uses with ``score.calibrate_maps`` (from the held-out normal
+    training images, so the data must be present); None when the config does not calibrate."""
+    if not ev.cfg.score.calibrate_maps:
+        return None
+    resolve_dataset(ev.cfg, progress=False)
+    return calibrate(ev.model, ev.cfg, category)
+
+
+def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | bytes], *,
+                   alpha: float | None = None,
+                   calibration: MapCalibration | None = None) -> Prediction:
+    """Eq. 11 and the image score of each image (a file, or an encoded file's bytes), scored in
+    batches of ``score.batch_size`` with noise drawn from ``seed`` in order, so the same images
+    in the same order give the same numbers (``diffad predict`` and the MLflow model, tasks/pyfunc_model.py).
+
+    ``alpha``: default ``score.alpha``. ``calibration``: default :func:`map_calibration` (a stored
+    one lets a registered model score without the training data).
+    """
+    cfg = ev.cfg
+    if calibration is None:
+        calibration = map_calibration(ev, category)
+    alpha = float(cfg.score.alpha if alpha is None else alpha)
+    size = int(cfg.data.image_size)
+    arrays = []
+    for i, source in enumerate(images):
+        if isinstance(source, bytes):
+            arrays.append(load_image(Path(f"input image {i}"), size, data=source))
+        else:
+            arrays.append(load_image(Path(source), size))
+    inputs = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)) * 2.0 - 1.0
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    batch_size = max(1, int(cfg.score.batch_size))
+    scores, maps = [], []
+    for lo in range(0, len(inputs), batch_size):
+        batch = score_batch(ev.model, torch.from_numpy(inputs[lo:lo + batch_size]), category,
+                            cfg.score, alpha=alpha, calibration=calibration, generator=generator)
+        scores.append(batch.image_score.float().numpy())
+        maps.append(batch.anomaly.float().numpy())
+    return Prediction(image_scores=np.concatenate(scores), anomaly_maps=np.concatenate(maps),
+                      images=inputs, alpha=alpha)

@@ -20,10 +20,12 @@ from prefect import flow, get_run_logger
 
 from diffad_core import results
 from diffad_core.config import DiffadConfig, load_config
+from diffad_core.data import require_verified
 from flows.category import train_category, train_or_restore
+from flows.guard import run_lock
 from tasks import mlflow_logging as ml
 from tasks import pipeline as p
-from tasks import registry
+from tasks import registry, tracking
 from tasks.records import CategoryMetrics, CategoryOutcome, PreparedData, TrainedModel
 from tasks.runs import (
     RunRecord,
@@ -163,7 +165,7 @@ def _register(cfg: DiffadConfig, run_id: str, parent: str, rows: list[CategoryMe
     for job in jobs:
         state = p.register_task(cfg, job.mlflow_run, job.checkpoint, job.label, job.metrics, run_id,
                                 job.train_key, return_state=True)
-        model = registry.model_name(cfg.data.dataset, job.label)
+        model = registry.model_name(cfg, job.label)
         if state.is_completed():
             d = state.result()
             verdict = ("unchanged" if not d.registered
@@ -200,10 +202,19 @@ def full_benchmark(
     them even when this run already has them done (else a retry of the run redoes only what is
     missing or failed). Executor, registration and promotion come from the config's
     ``runtime`` and ``registry`` sections."""
-    logger = get_run_logger()
     cfg = _resolve(config, preset, overrides)
     run_id = run_id or new_run_id(date)
+    with run_lock(run_id):  # a second process with this run id refuses (flows/guard.py)
+        return _benchmark(cfg, run_id, date, only, force)
+
+
+def _benchmark(cfg: DiffadConfig, run_id: str, date: str | None, only: list[str] | None,
+               force: bool) -> dict[str, Any]:
+    """The body of ``full_benchmark``, run while holding the run lock."""
+    logger = get_run_logger()
     data: PreparedData = p.prepare_data(cfg)
+    # The checks of `diffad data verify`, before any training (cached per manifest).
+    require_verified(data.root, cfg.data.dataset, data.categories)
     # From here on the config names the resolved data folder and category list (and, for the
     # cpu preset, the settings fitted to that data).
     cfg = p.fit_config(cfg, data)
@@ -218,6 +229,8 @@ def full_benchmark(
     parent = ml.open_mlflow_run(cfg, f"benchmark {run_id}", manifest,
                                 {"diffad_run_id": run_id, "executor": executor, "kind": "benchmark",
                                  "categories": ",".join(cats), "label": label, "date": date})
+    # Runs of this run id still RUNNING belong to a process that died (we hold the run lock).
+    tracking.close_superseded_runs(tracking.experiment_name(cfg), run_id, parent)
     ml.log_weights(parent, weights)
     record = read_run_record(run_id) or RunRecord(run_id=run_id)
     record = record.model_copy(update={

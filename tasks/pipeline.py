@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from diffad_core import results
 from diffad_core.config import DiffadConfig, diffad_home
-from diffad_core.data import dataset_manifest, manifest_hash, resolve_dataset
+from diffad_core.data import dataset_manifest, list_samples, manifest_hash, resolve_dataset
 from diffad_core.data_fit import fit_to_data
 from diffad_core.model import checkpoint_dir
 from diffad_core.nets import load_backbone
@@ -145,14 +145,26 @@ def aggregate(cfg: DiffadConfig, run_id: str, timings: dict[str, dict[str, float
     return _rows(table)
 
 
+def manifest_hash_of_test_set(cfg: DiffadConfig, categories: list[str]) -> str:
+    """The manifest hash of the test images and masks of ``categories`` (what a model's metrics
+    were measured on; the registry compares two versions only when theirs match)."""
+    root = cfg.data.resolved_root()
+    samples = [s for c in categories for s in list_samples(root, cfg.data.dataset, c, split="test")]
+    paths = {s.rel_path for s in samples} | {s.mask_path.relative_to(root).as_posix()
+                                             for s in samples if s.mask_path is not None}
+    files = dataset_manifest(root, cfg.data.dataset, categories)["files"]
+    return manifest_hash([f for f in files if f["path"] in paths])
+
+
 @task(name="register-model", **caching.TRANSIENT_ONLY)
 def register_task(cfg: DiffadConfig, mlflow_run_id: str, checkpoint: str, label: str,
                   metrics: CategoryMetrics, run_id: str, train_key: str | None = None) -> RegistryOutcome:
-    """Register the checkpoint as ``registry.model_name(dataset, label)`` (alias challenger) and
-    decide on promotion to champion (``registry.tolerance``; applied when ``registry.promote``).
-    A checkpoint already registered (same train key: a cached training rescored) is not
+    """Register the checkpoint as ``registry.model_name(cfg, label)`` (an MLflow pyfunc model,
+    alias challenger) and decide on promotion to champion (``registry.tolerance``; applied when
+    ``registry.promote``; only against a champion measured on the same test manifest). A
+    checkpoint already registered (same train key: a cached training rescored) is not
     registered twice."""
-    name = registry.model_name(cfg.data.dataset, label)
+    name = registry.model_name(cfg, label)
     if train_key:
         existing = registry.find_version(name, "train_key", train_key)
         if existing is not None:
@@ -161,17 +173,22 @@ def register_task(cfg: DiffadConfig, mlflow_run_id: str, checkpoint: str, label:
                                    reason=f"same checkpoint as version {existing} (train key "
                                           f"{train_key}); not registered again")
     compared = {"pixel_auroc": metrics.pixel_auroc, "pro": metrics.pro, "image_auroc": metrics.image_auroc}
+    categories = cfg.categories() if label == "unified" else [label]
     tags = {"diffad_run_id": run_id, "preset": cfg.preset, "mode": cfg.mode,
-            "config_hash": cfg.config_hash()}
+            "config_hash": cfg.config_hash(), "dataset": cfg.data.dataset,
+            "dataset_id": registry.dataset_id(cfg),
+            registry.TEST_MANIFEST_TAG: manifest_hash_of_test_set(cfg, categories)}
     if train_key:
         tags["train_key"] = train_key
     version = registry.register_checkpoint(mlflow_run_id, Path(checkpoint), name, compared, tags=tags)
     decision = registry.promote(name, version, cfg.registry.tolerance, apply=cfg.registry.promote)
+    if decision.decision == registry.NOT_COMPARED:
+        get_run_logger().warning("%s version %s: %s", name, version, decision.reason)
     tracking.set_tags(mlflow_run_id, {"registered_model": name, "model_version": version,
-                                      "promotion_decision": "promoted" if decision.promoted
-                                      else "kept_challenger"})
+                                      "promotion_decision": decision.decision})
     return RegistryOutcome(name=name, version=version, registered=True, promoted=decision.promoted,
-                           reason=decision.reason, champion_version=decision.champion_version)
+                           reason=decision.reason, champion_version=decision.champion_version,
+                           compared=decision.decision != registry.NOT_COMPARED)
 
 
 def _weights_note(weights: list[WeightsInfo]) -> str:

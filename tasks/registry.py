@@ -1,37 +1,59 @@
 """MLflow model registry: challengers, champions and ``models:/`` checkpoints (docs/internals.md "Pipeline").
 
-A checkpoint directory (model.safetensors, padim.safetensors, config.json, meta.json) is logged as
-plain run artifacts under ``checkpoint/`` and registered as a version of
-``diffad-<dataset>-<category>`` (``diffad-<dataset>-unified`` for the unified model). No pickled
-module: :func:`diffad_core.model.load_model` reads the same files back. A new version gets the
-alias ``challenger``; it becomes ``champion`` only when it is not worse than the current champion
-on PRO and pixel AUROC beyond a tolerance (or when there is no champion yet). The decision is
-stored as version tags ``promotion_decision`` and ``promotion_reason``.
+A checkpoint is logged as an MLflow pyfunc model (``tasks.pyfunc_model``: its safetensors and
+JSON files are the model's artifacts) and registered as a version of
+``diffad-<dataset id>-<category>`` (``...-unified`` for the unified model); :func:`dataset_id`
+names the data, so two datasets never share a model (issue #10). No pickled network:
+:func:`diffad_core.model.load_model` reads the same files back, and versions registered before
+(plain ``checkpoint/`` run artifacts) stay readable by :func:`resolve_models_uri`.
+
+A new version gets the alias ``challenger``. It becomes ``champion`` when there is no champion
+yet, or when it was measured on the champion's test manifest (tag ``test_manifest_hash``) and is
+not worse on PRO and pixel AUROC beyond a tolerance; metrics of different test sets are never
+compared. The decision is stored as version tags ``promotion_decision`` and ``promotion_reason``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 
-from diffad_core.config import diffad_home
-from tasks import tracking
+from diffad_core._atomic import replace_dir
+from diffad_core.config import DiffadConfig, diffad_home
+from tasks import pyfunc_model, tracking
 
-CHECKPOINT_ARTIFACT = "checkpoint"
-CHECKPOINT_FILES = ("model.safetensors", "padim.safetensors", "config.json", "meta.json")
+CHECKPOINT_FILES = tuple(pyfunc_model.CHECKPOINT_ARTIFACTS.values())
 COMPARED = ("pro", "pixel_auroc")
 SHOWN = ("pixel_auroc", "pro", "image_auroc")
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+TEST_MANIFEST_TAG = "test_manifest_hash"
+PROMOTED, KEPT, NOT_COMPARED = "promoted", "kept_challenger", "not_compared"
 
 
-def model_name(dataset: str, category: str) -> str:
-    """``diffad-<dataset>-<category>``; pass ``"unified"`` for the unified model."""
-    return f"diffad-{dataset}-{category}"
+def dataset_id(cfg: DiffadConfig) -> str:
+    """The data's part of a model name: the dataset kind, then ``data.name`` when given. A folder
+    without a name gets its root folder's name and a short hash of the resolved root path."""
+    kind = cfg.data.dataset
+    if cfg.data.name:
+        return f"{kind}-{cfg.data.name}"
+    if kind != "folder":
+        return kind
+    root = cfg.data.resolved_root().resolve()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", root.name).strip("-.") or "root"
+    return f"folder-{slug}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
+def model_name(cfg: DiffadConfig, label: str) -> str:
+    """``diffad-<dataset id>-<label>``; ``label`` is the category, or ``"unified"``."""
+    return f"diffad-{dataset_id(cfg)}-{label}"
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,7 @@ class PromotionDecision:
     promoted: bool
     reason: str
     champion_version: str | None  # the champion before the decision
+    decision: str  # PROMOTED | KEPT | NOT_COMPARED
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,27 +115,26 @@ def register_checkpoint(
     metrics: dict[str, float | None],
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Log the checkpoint files to ``run_id`` and register them as a new version of ``name``
-    with alias ``challenger``. Returns the version."""
+    """Log the checkpoint as an MLflow pyfunc model of ``run_id`` and register it as a new
+    version of ``name`` with alias ``challenger``. Returns the version."""
     checkpoint_dir = Path(checkpoint_dir)
-    missing = [f for f in ("model.safetensors", "config.json", "meta.json")
-               if not (checkpoint_dir / f).exists()]
+    missing = [f for f in CHECKPOINT_FILES if not (checkpoint_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {checkpoint_dir} lacks {', '.join(missing)}")
+    logged = pyfunc_model.log_model(run_id, checkpoint_dir)
     client = tracking.get_client()
-    for fname in CHECKPOINT_FILES:
-        path = checkpoint_dir / fname
-        if path.exists():
-            client.log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT)
     try:
-        client.create_registered_model(name, description="diffad checkpoint "
-                                       "(Lu et al., ICCV 2023); load with diffad_core.model.load_model")
+        client.create_registered_model(name, description="diffad checkpoint (Lu et al., ICCV 2023) "
+                                       "as an MLflow pyfunc model: image bytes in, image score and "
+                                       "anomaly map out")
     except MlflowException as exc:
         if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
     all_tags = {**_metric_tags(metrics), **(tags or {})}
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
+    # The artifact location, not models:/<model_id>: a sqlite registry resolves the latter with
+    # the process-wide tracking URI, which this client-based code never sets.
+    mv = client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
+                                     tags=all_tags, model_id=logged.model_id)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return str(mv.version)
 
@@ -135,37 +157,54 @@ def _alias_version(name: str, alias: str) -> Any | None:
         return None
 
 
+def not_comparable(challenger_tags: dict[str, str], champion_tags: dict[str, str]) -> str | None:
+    """Why two versions' metrics cannot be compared (None when they can): both must have been
+    measured on the same test manifest."""
+    mine, theirs = challenger_tags.get(TEST_MANIFEST_TAG), champion_tags.get(TEST_MANIFEST_TAG)
+    if mine is None or theirs is None:
+        whose = "the challenger's" if mine is None else "the champion's"
+        return f"{whose} test set is unknown (no {TEST_MANIFEST_TAG} tag)"
+    if mine != theirs:
+        return f"measured on another test set (test manifest {mine[:12]} vs the champion's {theirs[:12]})"
+    return None
+
+
 def promote(name: str, version: str, tolerance: float, apply: bool = True) -> PromotionDecision:
-    """Compare ``version`` with the current champion and record the decision as version tags;
-    with ``apply`` a positive decision moves the ``champion`` alias."""
+    """Compare ``version`` with the current champion (only on the same test manifest) and record
+    the decision as version tags; with ``apply`` a positive decision moves the ``champion`` alias."""
     client = tracking.get_client()
     mv = client.get_model_version(name, version)
-    challenger = version_metrics(mv.tags)
     champ = _alias_version(name, CHAMPION)
     if champ is not None and str(champ.version) == str(version):
         champ = None
-    champion_metrics = version_metrics(champ.tags) if champ is not None else None
-    ok, reason = decide(challenger, champion_metrics, tolerance)
-    if ok and not apply:
-        reason = f"would promote ({reason}); promotion disabled"
-    decision = "promoted" if ok and apply else "kept_challenger"
+    why_not = None if champ is None else not_comparable(mv.tags, champ.tags)
+    if why_not is not None:
+        ok, decision = False, NOT_COMPARED
+        reason = f"not compared with champion version {champ.version}: {why_not}; not promoted"
+    else:
+        champion_metrics = version_metrics(champ.tags) if champ is not None else None
+        ok, reason = decide(version_metrics(mv.tags), champion_metrics, tolerance)
+        if ok and not apply:
+            reason = f"would promote ({reason}); promotion disabled"
+        decision = PROMOTED if ok and apply else KEPT
     client.set_model_version_tag(name, version, "promotion_decision", decision)
     client.set_model_version_tag(name, version, "promotion_reason", reason[:5000])
     if ok and apply:
         client.set_registered_model_alias(name, CHAMPION, version)
     return PromotionDecision(name=name, version=str(version), promoted=ok and apply, reason=reason,
-                             champion_version=None if champ is None else str(champ.version))
+                             champion_version=None if champ is None else str(champ.version),
+                             decision=decision)
 
 
 def compare(dataset: str, categories: list[str] | None = None) -> list[dict[str, Any]]:
-    """Champion vs challenger per registered model of ``dataset`` (metrics from version tags)."""
+    """Champion vs challenger per registered model whose name starts with ``diffad-<dataset>-``
+    (a dataset kind such as ``folder``, or a whole :func:`dataset_id`); metrics from version tags."""
     client = tracking.get_client()
     prefix = f"diffad-{dataset}-"
     names = sorted(m.name for m in client.search_registered_models(
         filter_string=f"name LIKE '{prefix}%'"))
     if categories:
-        wanted = {model_name(dataset, c) for c in categories}
-        names = [n for n in names if n in wanted]
+        names = [n for n in names if any(n.endswith(f"-{c}") for c in categories)]
     rows = []
     for name in names:
         row: dict[str, Any] = {"model": name}
@@ -203,7 +242,9 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
 def resolve_models_uri(uri: str) -> Path:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> a local checkpoint dir.
 
-    The files are downloaded once into ``<DIFFAD_HOME>/model-cache/<name>/<version>``.
+    The files are downloaded once into ``<DIFFAD_HOME>/model-cache/<name>/<version>``, from the
+    version's MLflow model (its artifacts) or, for versions registered before, from the plain
+    ``checkpoint/`` run artifacts.
     """
     if not uri.startswith("models:/"):
         raise ValueError(f"not a models:/ URI: {uri!r}")
@@ -224,14 +265,15 @@ def resolve_models_uri(uri: str) -> Path:
     dest = diffad_home().resolve() / "model-cache" / mv.name / str(mv.version)
     if (dest / "model.safetensors").exists():
         return dest
-    import mlflow.artifacts
-
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp),
-                                                 tracking_uri=tracking.tracking_uri()))
-    shutil.rmtree(dest, ignore_errors=True)
-    got.rename(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
+    staging = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(staging),
+                                                     tracking_uri=tracking.tracking_uri()))
+        # An MLflow model keeps the checkpoint files in its artifacts/ folder.
+        files = got / "artifacts" if (got / "MLmodel").is_file() else got
+        replace_dir(files, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dest

@@ -199,38 +199,15 @@ def _predict(args: argparse.Namespace) -> int:
         raise CliError(f"image {missing[0]} does not exist"
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     ev, category = _load(args)
-    import numpy as np
-    import torch
-
-    from diffad_core.data import load_image
     from diffad_core.overlay import overlay, save_png, side_by_side, to_uint8_image
-    from diffad_core.score import score_batch
-    from diffad_core.validation import calibrate
+    from diffad_core.usecases import predict_images
 
-    cfg = ev.cfg
-    calibration = calibrate(ev.model, cfg, category) if cfg.score.calibrate_maps else None
-    alpha = float(args.alpha) if args.alpha is not None else float(cfg.score.alpha)
-    size = int(cfg.data.image_size)
+    prediction = predict_images(ev, category, paths, alpha=args.alpha)
     out = Path(args.out) if args.out else Path("predictions")
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    batch_size = max(1, int(cfg.score.batch_size))
-    names = _output_names(paths)
-    for lo in range(0, len(paths), batch_size):
-        chunk = paths[lo:lo + batch_size]
-        arrays = []
-        for p in chunk:
-            try:
-                arrays.append(load_image(p, size).transpose(2, 0, 1) * 2.0 - 1.0)
-            except Exception as exc:  # unreadable / not an image: name the file
-                raise CliError(f"cannot read image {p}: {exc}") from exc
-        images = torch.from_numpy(np.stack(arrays).astype(np.float32))
-        batch = score_batch(ev.model, images, category, cfg.score, alpha=alpha,
-                            calibration=calibration, generator=generator)
-        for j, p in enumerate(chunk):
-            amap = batch.anomaly[j].numpy()
-            panel = side_by_side([to_uint8_image(arrays[j]), overlay(arrays[j], amap)])
-            target = save_png(panel, out / names[lo + j])
-            print(f"{p}\t{float(batch.image_score[j]):.6f}\t{target}")
+    for j, (p, name) in enumerate(zip(paths, _output_names(paths))):
+        image = prediction.images[j]
+        panel = side_by_side([to_uint8_image(image), overlay(image, prediction.anomaly_maps[j])])
+        print(f"{p}\t{float(prediction.image_scores[j]):.6f}\t{save_png(panel, out / name)}")
     return 0
 
 

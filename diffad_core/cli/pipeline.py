@@ -38,6 +38,7 @@ def register(subparsers: Any) -> None:
                    help="registry.register_models=false: do not register models in MLflow")
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="registry.promote=false: register challengers but never promote")
+    _add_verbose_argument(p)
     command(p, _benchmark)
 
     p = subparsers.add_parser("rerun", help="rerun some categories of a benchmark run "
@@ -45,12 +46,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--run-id", required=True)
     p.add_argument("--failed", action="store_true", help="the categories that failed")
     add_category_argument(p, "a category to rerun")
+    _add_verbose_argument(p)
     command(p, _rerun)
 
     reg = subparsers.add_parser("registry", help="the MLflow model registry")
     reg_sub = reg.add_subparsers(dest="registry_command", metavar="COMMAND", required=True)
     p = reg_sub.add_parser("compare", help="champion vs challenger, side by side")
-    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--dataset", default="synthetic",
+                   help="models named diffad-<DATASET>-*: a dataset kind (synthetic, folder, ...) "
+                        "or a whole dataset id such as folder-<data.name> (default synthetic)")
     add_category_argument(p, "only this category (default: all registered)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     command(p, _registry_compare)
@@ -77,6 +81,43 @@ def _exit_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Prefect's flow and task INFO lines (always in the Prefect "
+                             "UI and in results/<run_id>/prefect.log)")
+
+
+def _console_logging(run_id: str, verbose: bool) -> None:
+    """The console shows the progress bars, warnings and the final table; Prefect's flow and
+    task INFO lines (and MLflow's) go to the Prefect UI (its API handler, untouched) and to
+    ``results/<run_id>/prefect.log``. ``verbose`` keeps them on the console too. Called after
+    Prefect and MLflow are imported (they configure their loggers on import)."""
+    import logging
+
+    from prefect.logging.formatters import PrefectFormatter
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from tasks.runs import run_dir
+
+    path = run_dir(run_id) / "prefect.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(PrefectFormatter(
+        format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s",
+        flow_run_fmt="%(asctime)s | %(levelname)-7s | Flow run %(flow_run_name)r - %(message)s",
+        task_run_fmt="%(asctime)s | %(levelname)-7s | Task run %(task_run_name)r - %(message)s"))
+    for name in ("prefect", "mlflow"):
+        logging.getLogger(name).addHandler(to_file)
+    if verbose:
+        return
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    consoles += [h for h in logging.getLogger("mlflow").handlers
+                 if isinstance(h, logging.StreamHandler) and h is not to_file]
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def _store_hint() -> list[str]:
@@ -115,16 +156,37 @@ def benchmark_config(args: argparse.Namespace) -> DiffadConfig:
     return config_from_args(args, extra)
 
 
+def _check_data(cfg: DiffadConfig) -> None:
+    """The dataset's categories exist and pass ``data verify``'s checks (a category typo, a
+    defect without its mask... fail here in seconds). Skipped when MVTec/BTAD still has to be
+    downloaded: the flow downloads, then checks."""
+    from diffad_core.data import list_categories, require_verified, resolve_dataset
+
+    root = cfg.data.resolved_root()
+    if cfg.data.dataset in ("mvtec", "btad") and not (
+            root.is_dir() and set(cfg.categories()) <= set(list_categories(root, cfg.data.dataset))):
+        return
+    root = resolve_dataset(cfg, progress=True)
+    require_verified(root, cfg.data.dataset, cfg.categories())
+
+
 def _benchmark(args: argparse.Namespace) -> int:
-    # The config is built first, so a bad preset or key fails before any server starts.
+    # The config, the stores and the data are checked first: a bad key, an unreachable store
+    # or a broken dataset fails in seconds, before any server starts (flows/guard.py).
     cfg = benchmark_config(args)
     prefect_environment()
-    _exit_on_sigterm()
-    from flows.benchmark import full_benchmark
+    from flows.guard import preflight, run_lock, temporary_prefect_server
     from tasks.runs import new_run_id
 
+    preflight()
+    _check_data(cfg)
+    _exit_on_sigterm()
+    from flows.benchmark import full_benchmark
+
     run_id = args.run_id or new_run_id(args.date)
-    state = full_benchmark(config=cfg, run_id=run_id, date=args.date, return_state=True)
+    _console_logging(run_id, args.verbose)
+    with run_lock(run_id), temporary_prefect_server():
+        state = full_benchmark(config=cfg, run_id=run_id, date=args.date, return_state=True)
     return _finish(run_id, state)
 
 
@@ -174,11 +236,17 @@ def _rerun(args: argparse.Namespace) -> int:
     if read_run_record(args.run_id) is None:
         raise CliError(f"no run {args.run_id!r} under {run_dir(args.run_id).parent} "
                        f"(missing {run_record_path(args.run_id)})")
+    from flows.guard import preflight, run_lock, temporary_prefect_server
+
+    preflight()
     _exit_on_sigterm()
     from flows.benchmark import rerun_categories
 
-    state = rerun_categories(run_id=args.run_id, categories=args.categories or None,
-                             failed=args.failed, return_state=True)
+    _console_logging(args.run_id, args.verbose)
+
+    with run_lock(args.run_id), temporary_prefect_server():
+        state = rerun_categories(run_id=args.run_id, categories=args.categories or None,
+                                 failed=args.failed, return_state=True)
     return _finish(args.run_id, state)
 
 

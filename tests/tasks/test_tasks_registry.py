@@ -24,9 +24,13 @@ def test_decide(challenger: dict, champion: dict | None, promoted: bool) -> None
     assert ok is promoted, reason
 
 
+SAME_TEST_SET = {registry.TEST_MANIFEST_TAG: "a" * 64}
+
+
 def test_promotion_both_ways_and_compare(home: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke")
-    name = registry.model_name("synthetic", "weave")
+    name = registry.model_name(cfg, "weave")
+    assert name == "diffad-synthetic-weave"
     versions = []
     decisions = []
     for i, metrics in enumerate([
@@ -36,7 +40,7 @@ def test_promotion_both_ways_and_compare(home: Path, tmp_path: Path) -> None:
     ]):
         run = tracking.start_run(cfg, f"weave-{i}", {})
         ckpt = make_checkpoint(tmp_path / f"ckpt{i}", payload=f"w{i}".encode())
-        version = registry.register_checkpoint(run, ckpt, name, metrics)
+        version = registry.register_checkpoint(run, ckpt, name, metrics, tags=SAME_TEST_SET)
         versions.append(version)
         decisions.append(registry.promote(name, version, tolerance=0.005))
     assert versions == ["1", "2", "3"]
@@ -75,7 +79,7 @@ def test_promotion_both_ways_and_compare(home: Path, tmp_path: Path) -> None:
 
 def test_promotion_can_be_disabled(home: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke")
-    name = registry.model_name("synthetic", "unified")
+    name = registry.model_name(cfg, "unified")
     run = tracking.start_run(cfg, "u", {})
     version = registry.register_checkpoint(run, make_checkpoint(tmp_path / "c"), name,
                                            {"pro": 0.5, "pixel_auroc": 0.5})
@@ -94,3 +98,77 @@ def test_register_rejects_incomplete_checkpoint(home: Path, tmp_path: Path) -> N
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="lacks model.safetensors"):
         registry.register_checkpoint(run, empty, "diffad-synthetic-x", {})
+
+
+def test_model_names_carry_the_dataset_identity(tmp_path: Path) -> None:
+    """Two folder datasets with a ``weave`` category never share a model (issue #10 item 6)."""
+    synthetic = load_config("smoke")
+    assert registry.model_name(synthetic, "weave") == "diffad-synthetic-weave"
+    a = load_config("smoke", overrides=["data.dataset=folder", f"data.root={tmp_path / 'plant-a' / 'data'}"])
+    b = load_config("smoke", overrides=["data.dataset=folder", f"data.root={tmp_path / 'plant-b' / 'data'}"])
+    name_a, name_b = registry.model_name(a, "weave"), registry.model_name(b, "weave")
+    assert name_a != name_b
+    assert name_a.startswith("diffad-folder-data-") and name_a.endswith("-weave")
+    assert registry.model_name(a, "weave") == name_a  # stable
+    named = load_config("smoke", overrides=["data.dataset=folder", "data.name=plant-a"])
+    assert registry.model_name(named, "weave") == "diffad-folder-plant-a-weave"
+    assert registry.model_name(named, "unified") == "diffad-folder-plant-a-unified"
+
+
+def test_champion_of_another_test_set_is_not_compared(home: Path, tmp_path: Path) -> None:
+    """A challenger measured on another test manifest is never promoted over the champion, however
+    good its numbers; the decision says so. On the same manifest the usual rule applies."""
+    cfg = load_config("smoke")
+    name = registry.model_name(cfg, "weave")
+    manifest_a = {registry.TEST_MANIFEST_TAG: "a" * 64}
+    manifest_b = {registry.TEST_MANIFEST_TAG: "b" * 64}
+    decisions = []
+    for i, (metrics, tags) in enumerate([
+        ({"pro": 0.50, "pixel_auroc": 0.70}, manifest_a),   # first: champion
+        ({"pro": 0.99, "pixel_auroc": 0.99}, manifest_b),   # better, other test set: not compared
+        ({"pro": 0.99, "pixel_auroc": 0.99}, {}),           # test set unknown: not compared
+        ({"pro": 0.60, "pixel_auroc": 0.80}, manifest_a),   # better, same test set: promoted
+    ]):
+        run = tracking.start_run(cfg, f"weave-{i}", {})
+        version = registry.register_checkpoint(run, make_checkpoint(tmp_path / f"c{i}"), name,
+                                               metrics, tags=tags)
+        decisions.append(registry.promote(name, version, tolerance=0.005))
+    assert [d.decision for d in decisions] == ["promoted", "not_compared", "not_compared", "promoted"]
+    assert [d.promoted for d in decisions] == [True, False, False, True]
+    assert "another test set" in decisions[1].reason and "not promoted" in decisions[1].reason
+    assert "challenger's test set is unknown" in decisions[2].reason
+    client = tracking.get_client()
+    assert client.get_model_version(name, "2").tags["promotion_decision"] == "not_compared"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "4"
+
+
+def test_versions_registered_before_stay_readable(home: Path, tmp_path: Path) -> None:
+    """A version written the old way (plain ``checkpoint/`` run artifacts, no MLmodel) still
+    resolves to its files, shows in ``compare``, and a new version is not compared with it (its
+    test set is unknown)."""
+    cfg = load_config("smoke")
+    name = registry.model_name(cfg, "weave")
+    client = tracking.get_client()
+    old_run = tracking.start_run(cfg, "old", {})
+    ckpt = make_checkpoint(tmp_path / "old", payload=b"old weights")
+    for fname in registry.CHECKPOINT_FILES:
+        client.log_artifact(old_run, str(ckpt / fname), "checkpoint")
+    client.create_registered_model(name)
+    source = f"{client.get_run(old_run).info.artifact_uri}/checkpoint"
+    old = client.create_model_version(name, source=source, run_id=old_run,
+                                      tags={"metric.pro": "0.5", "metric.pixel_auroc": "0.7"})
+    client.set_registered_model_alias(name, "champion", old.version)
+
+    folder = registry.resolve_models_uri(f"models:/{name}@champion")
+    assert (folder / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(registry.CHECKPOINT_FILES)
+
+    run = tracking.start_run(cfg, "new", {})
+    new = registry.register_checkpoint(run, make_checkpoint(tmp_path / "new", payload=b"new"), name,
+                                       {"pro": 0.9, "pixel_auroc": 0.9}, tags=SAME_TEST_SET)
+    decision = registry.promote(name, new, tolerance=0.005)
+    assert decision.decision == "not_compared" and "champion's test set is unknown" in decision.reason
+    assert (registry.resolve_models_uri(f"models:/{name}/{new}") / "model.safetensors").read_bytes() == b"new"
+    [row] = registry.compare("synthetic", ["weave"])
+    assert row["champion_version"] == "1" and row["champion_pro"] == 0.5
+    assert row["challenger_version"] == "2" and row["decision"] == "not_compared"
