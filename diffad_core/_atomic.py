@@ -73,16 +73,22 @@ def staging_dir(parent: Path, prefix: str) -> Path:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files ``atomic_write`` leaves when killed mid-write
-    (``.<name>.<random>.tmp``) directly in ``folder``; returns them. Call it only while holding
-    the folder's lock: a live writer's temporary file would go too."""
+    """Delete what writers killed mid-write leave directly in ``folder``: ``atomic_write``'s
+    ``.<name>.<random>.tmp`` files and the hidden ``.tmp-*`` staging / ``.old-*`` folders of a
+    folder swap (``replace_dir``); returns them. Call it only while holding the folder's lock:
+    a live writer's temporaries would go too."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for path in folder.glob(f".*{_TMP_SUFFIX}"):
-        if path.is_file() and not path.is_symlink():
+    for path in sorted(folder.glob(".*")):
+        if path.is_symlink():
+            continue
+        if path.is_file() and path.name.endswith(_TMP_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+        elif path.is_dir() and path.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed

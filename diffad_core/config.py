@@ -59,6 +59,22 @@ def diffad_home() -> Path:
     return Path(os.environ.get("DIFFAD_HOME", ".diffad")).expanduser()
 
 
+def require_home() -> Path:
+    """``diffad_home()``, created if missing; a :class:`ConfigError` naming the path when it is
+    not a folder or not writable (checked up front, before any work)."""
+    home = diffad_home()
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"DIFFAD_HOME {home} is not a folder")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"DIFFAD_HOME {home} is not writable ({exc.strerror})") from None
+    return home
+
+
 # ----------------------------------------------------------------------------- data
 class DownloadSource(_Section):
     filename: str

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
+_HELD: set[Path] = set()  # lock files this process holds
 
 
 class LockBusy(RuntimeError):
@@ -45,8 +46,12 @@ def file_lock(path: Path, what: str, *, wait: bool) -> Iterator[None]:
 
     Held elsewhere: ``wait=False`` raises :class:`LockBusy` at once; ``wait=True`` logs one line
     naming the holder and blocks until it is released. ``what`` names the locked thing in both.
+    Re-entrant within a process (flock would otherwise block on its own second open).
     """
-    path = Path(path)
+    path = Path(path).absolute()
+    if path in _HELD:  # this process holds it already (the CLI around its own flow): re-enter
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -60,7 +65,11 @@ def file_lock(path: Path, what: str, *, wait: bool) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (_holder_line() + "\n").encode(), 0)
-        yield
+        _HELD.add(path)
+        try:
+            yield
+        finally:
+            _HELD.discard(path)
     finally:
         os.close(fd)  # releases the lock
 

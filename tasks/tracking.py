@@ -14,6 +14,8 @@ import json
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from diffad_core.config import DiffadConfig, diffad_home
+from diffad_core.config import ConfigError, DiffadConfig, diffad_home
 
 PARENT_TAG = "mlflow.parentRunId"
 PARAM_LIMIT = 500  # we keep params short and readable; the whole config is also an artifact
@@ -34,9 +36,7 @@ def tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    home = diffad_home().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    return f"sqlite:///{diffad_home().resolve() / 'mlflow.db'}"
 
 
 def local_artifact_root(uri: str | None = None) -> Path | None:
@@ -54,8 +54,56 @@ def local_artifact_root(uri: str | None = None) -> Path | None:
     return None
 
 
+def local_store_file(uri: str | None = None) -> Path | None:
+    """The database file of a local sqlite store; None for a server or a folder store."""
+    uri = uri or tracking_uri()
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    db = uri[len("sqlite:///"):]
+    return None if not db or db == ":memory:" else Path(db).expanduser().resolve()
+
+
+def check_store(timeout: float = 5.0) -> str:
+    """The tracking URI, once it is known to work: a server must answer ``/health`` within
+    ``timeout`` seconds, a local store's folder (and database) must be writable. Otherwise a
+    :class:`ConfigError` naming the URI or path, in seconds rather than after MLflow's retries."""
+    uri = tracking_uri()
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({reason}); "
+                              "check MLFLOW_TRACKING_URI") from None
+        if status != 200:
+            raise ConfigError(f"MLflow tracking server {uri} answered HTTP {status} on /health")
+        return uri
+    db = local_store_file(uri)
+    folder = db.parent if db is not None else local_artifact_root(uri)
+    if folder is None:  # another scheme (databricks, postgresql, ...): MLflow checks it itself
+        return uri
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+        if db is not None and db.exists():
+            with open(db, "ab"):
+                pass
+    except OSError as exc:
+        raise ConfigError(f"MLflow store {uri}: {exc.filename or folder} is not writable "
+                          f"({exc.strerror})") from None
+    return uri
+
+
 def get_client() -> MlflowClient:
     uri = tracking_uri()
+    db = local_store_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -124,6 +172,32 @@ def start_run(
             client.log_batch(run_id, params=params[i : i + 100])
         log_dict(run_id, cfg.to_dict(), "config.json")
     return run_id
+
+
+def close_superseded_runs(experiment: str, diffad_run_id: str, current: str) -> list[str]:
+    """Close the runs of benchmark run ``diffad_run_id`` (parent and children, tag
+    ``diffad_run_id``) left RUNNING by a process that died, as KILLED, and tag every earlier
+    parent or child ``diffad_superseded_by`` = ``current`` (the rerun's parent) with a note.
+    Call it only while holding the run lock: then no live process owns those runs."""
+    client = get_client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.diffad_run_id = '{diffad_run_id}'",
+                              max_results=1000)
+    closed = []
+    for run in runs:
+        if run.info.run_id == current:
+            continue
+        tags = {"diffad_superseded_by": current}
+        if run.info.status == "RUNNING":
+            tags["diffad_note"] = (f"closed as KILLED by a rerun of {diffad_run_id}: the process "
+                                   "that ran it ended without closing it")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+        set_tags(run.info.run_id, tags)
+    return closed
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

@@ -101,9 +101,14 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 def _from_registry(uri: str) -> Path:
     try:
         from tasks.registry import resolve_models_uri
+        from tasks.tracking import local_store_file, tracking_uri
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in ("tasks", "mlflow"):
             raise
         raise CliError(f"cannot resolve {uri!r}: the pipeline packages (tasks, MLflow) are not "
                        f"installed ({exc})") from exc
+    db = local_store_file()
+    if db is not None and not db.is_file():  # MLflow would create an empty store to look in
+        raise CliError(f"cannot resolve {uri!r}: no MLflow store at {db} ({tracking_uri()}); "
+                       "nothing was registered under this DIFFAD_HOME (or set MLFLOW_TRACKING_URI)")
     return Path(resolve_models_uri(uri))

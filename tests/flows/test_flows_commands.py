@@ -24,8 +24,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture()
-def flow_env() -> Iterator[None]:
-    """The handlers set Prefect's environment defaults and a SIGTERM handler: undo both."""
+def flow_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The handlers set Prefect's environment defaults and a SIGTERM handler: undo both. The
+    flows are faked here, so no temporary Prefect server is started for them."""
+    import contextlib
+
+    import flows.guard
+
+    monkeypatch.setattr(flows.guard, "temporary_prefect_server", contextlib.nullcontext)
     env, handler = dict(os.environ), signal.getsignal(signal.SIGTERM)
     yield
     os.environ.clear()
@@ -148,6 +154,7 @@ def test_models_uri_goes_to_tasks_registry(tmp_path: Path, monkeypatch: pytest.M
         return ck
 
     monkeypatch.setattr(tasks.registry, "resolve_models_uri", fake)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted: faked
     assert resolve_checkpoint("models:/diffad-synthetic-weave@champion") == ck
     assert resolve_checkpoint("models:/diffad-synthetic-weave/3") == ck
     assert seen == ["models:/diffad-synthetic-weave@champion", "models:/diffad-synthetic-weave/3"]
@@ -155,11 +162,19 @@ def test_models_uri_goes_to_tasks_registry(tmp_path: Path, monkeypatch: pytest.M
 
 def test_models_uri_not_in_the_registry_is_a_user_error(home: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(FileNotFoundError, match="not in the registry"):
-        resolve_checkpoint("models:/diffad-synthetic-weave@champion")
     image = tmp_path / "x.png"
     image.write_bytes(b"not read: the checkpoint fails first")
-    capsys.readouterr()  # MLflow's own log lines from creating the empty store
+    # A fresh home: no store to look in, and none is created (issue #10 item 9).
+    assert main(["predict", str(image), "--checkpoint", "models:/diffad-synthetic-weave@champion"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no MLflow store at {home.resolve() / 'mlflow.db'}" in err
+    assert not (home / "mlflow.db").exists()
+    from tasks import tracking
+
+    tracking.get_client().search_experiments()  # an existing, empty store
+    with pytest.raises(FileNotFoundError, match="not in the registry"):
+        resolve_checkpoint("models:/diffad-synthetic-weave@champion")
+    capsys.readouterr()  # MLflow's own log lines from creating the store
     assert main(["predict", str(image), "--checkpoint", "models:/diffad-synthetic-weave@champion"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
