@@ -200,7 +200,9 @@ def test_compose_services_config(compose: dict) -> None:
     mlflow = s["mlflow"]
     cmd = mlflow["command"]
     store = cmd[cmd.index("--backend-store-uri") + 1]
-    assert store.startswith("postgresql://") and store.endswith("@postgres:5432/mlflow")
+    # the driver the image installs (SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3)
+    assert store.startswith("postgresql+psycopg2://") and store.endswith("@postgres:5432/mlflow")
+    assert "psycopg2-binary" in (INFRA / "Dockerfile.mlflow").read_text()
     assert cmd[cmd.index("--artifacts-destination") + 1] == "/mlartifacts" and "--serve-artifacts" in cmd
     assert any(v.endswith(":/mlartifacts") for v in mlflow["volumes"])
 
