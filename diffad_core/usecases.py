@@ -207,28 +207,16 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
                         alpha_choice=choice, calibration=calibration)
 
 
-def map_calibration(ev: EvaluationModel, category: str) -> MapCalibration | None:
-    """The map calibration Eq. 11 uses with ``score.calibrate_maps`` (from the held-out normal
-    training images, so the data must be present); None when the config does not calibrate."""
-    if not ev.cfg.score.calibrate_maps:
-        return None
-    resolve_dataset(ev.cfg, progress=False)
-    return calibrate(ev.model, ev.cfg, category)
-
-
 def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | bytes], *,
-                   alpha: float | None = None,
-                   calibration: MapCalibration | None = None) -> Prediction:
+                   alpha: float | None = None) -> Prediction:
     """Eq. 11 and the image score of each image (a file, or an encoded file's bytes), scored in
     batches of ``score.batch_size`` with noise drawn from ``seed`` in order, so the same images
-    in the same order give the same numbers (``diffad predict`` and the MLflow model, tasks/pyfunc_model.py).
-
-    ``alpha``: default ``score.alpha``. ``calibration``: default :func:`map_calibration` (a stored
-    one lets a registered model score without the training data).
+    in the same order give the same numbers (``diffad predict``, and the registered MLflow model
+    of tasks/pyfunc_model.py). ``alpha``: default ``score.alpha``. The map calibration is the one
+    recorded with the model (:func:`scoring_fit`; fitted on the training data when missing).
     """
     cfg = ev.cfg
-    if calibration is None:
-        calibration = map_calibration(ev, category)
+    calibration = scoring_fit(ev, category, progress=False).calibration
     alpha = float(cfg.score.alpha if alpha is None else alpha)
     size = int(cfg.data.image_size)
     arrays = []

@@ -1,10 +1,11 @@
 """The registered model as an MLflow pyfunc model (docs/internals.md "Pipeline", issue #12).
 
 Each registered version is an MLflow model: the checkpoint's files (``model.safetensors``,
-``padim.safetensors``, ``config.json``, ``meta.json``) are its artifacts, beside the map
-calibration of each category when the config standardises the maps, so that it scores without
-the training data. ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and
-``mlflow models serve`` work on it; ``diffad_core.model.load_model`` reads the same files.
+``padim.safetensors``, ``config.json``, ``meta.json``) are its artifacts, with the scoring fit
+recorded beside them (``scoring/``: the map calibration, validation.ScoringFit) when the config
+asks for one, so that it scores without the training data. ``mlflow.pyfunc.load_model(
+"models:/<name>@champion")`` and ``mlflow models serve`` work on it;
+``diffad_core.model.load_model`` reads the same files.
 
 Input: a DataFrame with a column ``image`` of encoded image files (PNG, JPEG, ... bytes; in a
 JSON request to ``/invocations``, base64 strings, which MLflow decodes by the signature).
@@ -16,7 +17,6 @@ Output: ``{"image_score": (N,), "anomaly_map": (N, S, S)}``, float32, from
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,13 @@ from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schem
 from packaging.requirements import Requirement
 
 from diffad_core.model import stored_config
-from diffad_core.score import MapCalibration
-from diffad_core.usecases import (
-    load_for_evaluation,
-    map_calibration,
-    pick_category,
-    predict_images,
-)
+from diffad_core.usecases import load_for_evaluation, pick_category, predict_images, scoring_fit
+from diffad_core.validation import SCORING_FIT_FOLDER, needs_scoring_fit
 from tasks import tracking
 
 # artifact key -> file of the checkpoint folder (all four are written by diffad_core.model.save_model)
 CHECKPOINT_ARTIFACTS = {"model": "model.safetensors", "padim": "padim.safetensors",
                         "config": "config.json", "meta": "meta.json"}
-CALIBRATION_ARTIFACT = "map_calibration.json"
 MODEL_NAME = "model"  # the logged model's name within its run
 IMAGE_COLUMN = "image"
 
@@ -51,19 +45,15 @@ class DiffadPyfuncModel(mlflow.pyfunc.PythonModel):
     """Scores images with a registered diffad checkpoint (Eq. 11, the image score)."""
 
     def load_context(self, context: Any) -> None:
-        folder = Path(context.artifacts["model"]).parent  # every artifact lands in one folder
-        self._ev = load_for_evaluation(folder)
-        stored = context.artifacts.get("calibration")
-        data = json.loads(Path(stored).read_text()) if stored else {}
-        self._calibrations = {c: MapCalibration(**v) for c, v in data.items()}
+        # Every artifact lands in one folder: the checkpoint, with its scoring/ records.
+        self._ev = load_for_evaluation(Path(context.artifacts["model"]).parent)
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         params = params or {}
         category = pick_category(self._ev.model, params.get("category"))
         images = [bytes(b) for b in model_input[IMAGE_COLUMN]]
-        prediction = predict_images(self._ev, category, images, alpha=params.get("alpha"),
-                                    calibration=self._calibrations.get(category))
+        prediction = predict_images(self._ev, category, images, alpha=params.get("alpha"))
         return {"image_score": prediction.image_scores, "anomaly_map": prediction.anomaly_maps}
 
 
@@ -90,19 +80,15 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
-def calibrations(checkpoint_dir: Path) -> dict[str, MapCalibration]:
-    """Each category's map calibration when the checkpoint's config standardises the maps (then
-    its training data must be present now); empty otherwise. The same numbers ``diffad predict``
-    computes from the data."""
-    if not stored_config(checkpoint_dir).score.calibrate_maps:
-        return {}
+def record_scoring_fits(checkpoint_dir: Path) -> None:
+    """Fit and record each category's scoring fit under the checkpoint's own config (the one
+    ``diffad predict`` and the MLflow model score with) when it asks for one and none is
+    recorded yet; fitting needs the training data, which is present when a run registers."""
+    if not needs_scoring_fit(stored_config(checkpoint_dir)):
+        return
     ev = load_for_evaluation(checkpoint_dir)
-    out = {}
     for category in ev.model.categories:
-        calibration = map_calibration(ev, category)
-        if calibration is not None:
-            out[category] = calibration
-    return out
+        scoring_fit(ev, category, progress=False)
 
 
 def log_model(run_id: str, checkpoint_dir: Path) -> LoggedModel:
@@ -110,17 +96,15 @@ def log_model(run_id: str, checkpoint_dir: Path) -> LoggedModel:
     ``run_id``) through the client, never the fluent active run or the global tracking URI."""
     checkpoint_dir = Path(checkpoint_dir)
     cfg = stored_config(checkpoint_dir)
+    record_scoring_fits(checkpoint_dir)
     client = tracking.get_client()
     logged = client.create_logged_model(client.get_run(run_id).info.experiment_id,
                                         name=MODEL_NAME, source_run_id=run_id, model_type="diffad")
     try:
+        artifacts = {key: str(checkpoint_dir / name) for key, name in CHECKPOINT_ARTIFACTS.items()}
+        if (checkpoint_dir / SCORING_FIT_FOLDER).is_dir():
+            artifacts["scoring"] = str(checkpoint_dir / SCORING_FIT_FOLDER)
         with tempfile.TemporaryDirectory() as tmp:
-            artifacts = {key: str(checkpoint_dir / name) for key, name in CHECKPOINT_ARTIFACTS.items()}
-            stored = calibrations(checkpoint_dir)
-            if stored:
-                artifacts["calibration"] = str(Path(tmp) / CALIBRATION_ARTIFACT)
-                Path(artifacts["calibration"]).write_text(
-                    json.dumps({c: v.to_dict() for c, v in stored.items()}, indent=2, sort_keys=True))
             local = Path(tmp) / MODEL_NAME
             mlflow.pyfunc.save_model(
                 str(local), python_model=DiffadPyfuncModel(), artifacts=artifacts,
