@@ -172,3 +172,30 @@ def test_versions_registered_before_stay_readable(home: Path, tmp_path: Path) ->
     [row] = registry.compare("synthetic", ["weave"])
     assert row["champion_version"] == "1" and row["champion_pro"] == 0.5
     assert row["challenger_version"] == "2" and row["decision"] == "not_compared"
+
+
+def test_test_set_hash_follows_test_images_and_masks_only(home: Path) -> None:
+    """The manifest a version's metrics were measured on: its category's test images and masks
+    (a changed training image keeps it, a changed test image or mask changes it)."""
+    from diffad_core.data import resolve_dataset
+    from tasks.pipeline import manifest_hash_of_test_set
+
+    cfg = load_config("smoke", overrides=["data.categories=[weave,gravel]",
+                                          "data.synth.categories=[weave,gravel]"])
+    root = resolve_dataset(cfg, progress=False)
+    weave = manifest_hash_of_test_set(cfg, ["weave"])
+    assert weave != manifest_hash_of_test_set(cfg, ["gravel"])
+    assert manifest_hash_of_test_set(cfg, ["weave", "gravel"]) not in (weave, None)
+
+    def touched(path: Path) -> str:
+        original = path.read_bytes()
+        path.write_bytes(original + b"\0")
+        try:
+            return manifest_hash_of_test_set(cfg, ["weave"])
+        finally:
+            path.write_bytes(original)
+
+    assert touched(sorted((root / "weave" / "train" / "good").glob("*.png"))[0]) == weave
+    assert touched(sorted((root / "weave" / "test").glob("*/*.png"))[0]) != weave
+    assert touched(sorted((root / "weave" / "ground_truth").glob("*/*.png"))[0]) != weave
+    assert manifest_hash_of_test_set(cfg, ["weave"]) == weave
