@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 import diffad_core
 from diffad_core.config import ConfigError, DiffadConfig, diffad_home
 from diffad_core.data.layouts import DataError
+from diffad_core.locks import LockBusy
 
 
 
@@ -72,9 +73,12 @@ def train_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 
 
 def _non_transient() -> tuple[type[BaseException], ...]:
+    # Configuration errors (ConfigError: a bad key, an unwritable DIFFAD_HOME or MLflow store,
+    # an unreachable server found by flows.guard.preflight), a busy run, bad data: a retry only
+    # repeats them, slowly (issue #10 item 2).
     return (ConfigError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, NotImplementedError, MemoryError, torch.OutOfMemoryError, DataError,
-            UnidentifiedImageError)
+            IsADirectoryError, PermissionError, NotImplementedError, MemoryError,
+            torch.OutOfMemoryError, DataError, UnidentifiedImageError, LockBusy)
 
 
 def is_transient(exc: BaseException | None) -> bool:
