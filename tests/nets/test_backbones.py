@@ -39,7 +39,32 @@ def test_lite0_package_weights_features_only():
     model = load_backbone(_lite0(sha256=sha), [0, 1, 2, 3])
     assert model.feature_info.channels() == [16, 24, 40, 112]
     assert torch.equal(model.conv_stem.weight, raw["_conv_stem.weight"])
-    assert torch.equal(model.blocks[6][0].conv_pwl.weight, raw["_blocks.15._project_conv.weight"])
+    # Stages 0-4 feed the outputs (the last one, 112 channels, is stage 4's); 5 and 6 are dropped.
+    assert len(model.blocks) == 5
+    assert torch.equal(model.blocks[4][2].conv_pwl.weight, raw["_blocks.10._project_conv.weight"])
+
+
+@pytest.mark.parametrize(("name", "out_indices"), [("tf_efficientnet_lite0", [1, 2]),
+                                                   ("tf_efficientnet_lite0", [1, 2, 3]),
+                                                   ("wide_resnet50_2", [1, 2])])
+def test_unused_stages_are_dropped_and_outputs_unchanged(name, out_indices):
+    """timm's EfficientNetFeatures runs every stage; load_backbone stops at the last output
+    (issue #11): the same features from fewer parameters."""
+    torch.manual_seed(0)
+    full = timm.create_model(name, features_only=True, out_indices=tuple(out_indices)).eval()
+    torch.manual_seed(0)
+    pruned = load_backbone(WeightsConfig(timm_name=name, pretrained=False), out_indices).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = full(x), pruned(x)
+    assert len(a) == len(b) == len(out_indices)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    n_full = sum(p.numel() for p in full.parameters())
+    n_pruned = sum(p.numel() for p in pruned.parameters())
+    if name.startswith("tf_efficientnet"):
+        assert n_pruned < n_full / 2
+    else:  # FeatureListNet already stops at layer2
+        assert n_pruned == n_full
 
 
 def test_lukemelas_rename_is_strict():
@@ -163,4 +188,5 @@ def test_official_b4_file_layout_loads_into_tf_efficientnet_b4(tmp_path):
     assert torch.equal(model.blocks[1][3].conv_pwl.weight, state["_blocks.5._project_conv.weight"])
     assert torch.equal(model.blocks[2][3].conv_pwl.weight, state["_blocks.9._project_conv.weight"])
     assert torch.equal(model.blocks[4][5].conv_pwl.weight, state["_blocks.21._project_conv.weight"])
-    assert [len(stage) for stage in model.blocks] == [2, 4, 4, 6, 6, 8, 2]
+    # b4's stages hold 2, 4, 4, 6, 6, 8, 2 blocks; the last two feed no output and are dropped
+    assert [len(stage) for stage in model.blocks] == [2, 4, 4, 6, 6]
