@@ -17,7 +17,7 @@ import torch
 
 from diffad_core import results
 from diffad_core._atomic import remove_stale_temporaries
-from diffad_core.config import DiffadConfig
+from diffad_core.config import DiffadConfig, require_home
 from diffad_core.data import load_image, prepare_split, require_verified, resolve_dataset
 from diffad_core.data_fit import fit_to_data
 from diffad_core.locks import file_lock
@@ -97,6 +97,7 @@ def train_category(cfg: DiffadConfig, categories: list[str], out_dir: Path | Non
                    on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train the model of ``categories`` (one, or all for the unified model): check the
     categories, make the data and the ADM initialisation ready, then ``train_model``."""
+    require_home()  # a file or read-only DIFFAD_HOME: one line naming it, before any work
     available = cfg.categories()
     unknown = [c for c in categories if c not in available]
     if unknown:

@@ -206,7 +206,10 @@ def _mlflow_runs(home: Path, run_id: str) -> list[tuple[str, str, str | None]]:
 def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path) -> None:
     env = _env(home)
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "r1")], env=env,
+    # 300 steps (smoke: 4) so it is still training when the second one starts; the rerun
+    # resumes them from the last checkpoint.
+    long = ("--set", "train.iterations=300", "--set", "train.checkpoint_every=20")
+    first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "r1", *long)], env=env,
                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         # Wait until it trains (its checkpoint folder exists), with its server running.
@@ -218,7 +221,7 @@ def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path)
         assert len(servers) == 1, (tmp_path / "first.log").read_text()
 
         # Concurrent run with the same id: refused in seconds, naming the holder.
-        code, err, seconds = _run(_benchmark_args(data, "--run-id", "r1"), env)
+        code, err, seconds = _run(_benchmark_args(data, "--run-id", "r1", *long), env)
         _assert_clear(code, err, seconds, "benchmark", ["run r1 is in use by pid "
                                                         f"{first.pid}", ".r1.lock"], 30)
 
@@ -235,7 +238,7 @@ def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path)
     stale = _mlflow_runs(home, "r1")
     assert any(status == "RUNNING" for _, status, _ in stale)  # what kill -9 leaves
 
-    code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r1"), env, timeout=400)
+    code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r1", *long), env, timeout=400)
     assert code == 0, err
     runs = _mlflow_runs(home, "r1")
     assert not [r for r in runs if r[1] == "RUNNING"], runs
