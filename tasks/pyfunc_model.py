@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from tasks import tracking
 CHECKPOINT_ARTIFACTS = {"model": "model.safetensors", "padim": "padim.safetensors",
                         "config": "config.json", "meta": "meta.json"}
 MODEL_NAME = "model"  # the logged model's name within its run
+_ENTRY = Path(__file__).with_name("pyfunc_entry.py")  # models from code: no pickle in the model
 IMAGE_COLUMN = "image"
 
 
@@ -68,7 +70,7 @@ def signature(image_size: int) -> ModelSignature:
     )
 
 
-def pinned_requirements() -> list[str]:
+def _pinned_requirements() -> list[str]:
     """diffad and its runtime dependencies at the installed versions (no environment inference,
     so logging takes no extra model load). diffad itself installs from the team's own index or
     checkout; ``mlflow models serve --env-manager local`` uses the current environment."""
@@ -80,7 +82,7 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
-def record_scoring_fits(checkpoint_dir: Path) -> None:
+def _record_scoring_fits(checkpoint_dir: Path) -> None:
     """Fit and record each category's scoring fit under the checkpoint's own config (the one
     ``diffad predict`` and the MLflow model score with) when it asks for one and none is
     recorded yet; fitting needs the training data, which is present when a run registers."""
@@ -93,10 +95,11 @@ def record_scoring_fits(checkpoint_dir: Path) -> None:
 
 def log_model(run_id: str, checkpoint_dir: Path) -> LoggedModel:
     """Log the checkpoint as an MLflow pyfunc model (an MLflow 3 logged model, output of
-    ``run_id``) through the client, never the fluent active run or the global tracking URI."""
+    ``run_id``) through the client, never the fluent active run or the global tracking URI. The
+    model's code is ``tasks/pyfunc_entry.py`` (MLflow's "models from code"), not a pickle."""
     checkpoint_dir = Path(checkpoint_dir)
     cfg = stored_config(checkpoint_dir)
-    record_scoring_fits(checkpoint_dir)
+    _record_scoring_fits(checkpoint_dir)
     client = tracking.get_client()
     logged = client.create_logged_model(client.get_run(run_id).info.experiment_id,
                                         name=MODEL_NAME, source_run_id=run_id, model_type="diffad")
@@ -106,11 +109,15 @@ def log_model(run_id: str, checkpoint_dir: Path) -> LoggedModel:
             artifacts["scoring"] = str(checkpoint_dir / SCORING_FIT_FOLDER)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / MODEL_NAME
-            mlflow.pyfunc.save_model(
-                str(local), python_model=DiffadPyfuncModel(), artifacts=artifacts,
-                signature=signature(int(cfg.data.image_size)), pip_requirements=pinned_requirements(),
-                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
-                                   model_id=logged.model_id, model_uuid=logged.model_id))
+            with warnings.catch_warnings():
+                # No input example on purpose: MLflow would load and run the model to check it.
+                warnings.filterwarnings("ignore", message=".*input example was not provided")
+                mlflow.pyfunc.save_model(
+                    str(local), python_model=str(_ENTRY), artifacts=artifacts,
+                    signature=signature(int(cfg.data.image_size)),
+                    pip_requirements=_pinned_requirements(),
+                    mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                       model_id=logged.model_id, model_uuid=logged.model_id))
             client.log_model_artifacts(logged.model_id, str(local))
     except BaseException:
         client.finalize_logged_model(logged.model_id, "FAILED")

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
@@ -102,8 +103,11 @@ def test_load_model_predicts_like_diffad_predict(registered: dict[str, Any], tmp
     assert meta.signature.inputs.input_names() == ["image"]
     assert {p.name for p in meta.signature.params.params} == {"category", "alpha"}
     assert meta.model_id is not None
-    requirements = (Path(mlflow.artifacts.download_artifacts(registered["uri"])) / "requirements.txt").read_text()
+    model_dir = Path(mlflow.artifacts.download_artifacts(registered["uri"]))
+    requirements = (model_dir / "requirements.txt").read_text()
     assert "diffad==0.1.0" in requirements and "torch==" in requirements
+    assert not list(model_dir.rglob("*.pkl"))  # models from code: no pickle in the model
+    assert (model_dir / "artifacts" / "scoring").is_dir()  # the recorded map calibration
 
 
 def test_unknown_category_is_refused(registered: dict[str, Any]) -> None:
