@@ -18,18 +18,13 @@ from diffad_core.config import ReconstructConfig
 from diffad_core.data import PreparedSplit
 from diffad_core.diffusion import model_timesteps, reverse_step
 from diffad_core.model import DiffadModel
-from diffad_core.runtime import autocast_context
+from diffad_core.runtime import autocast_context, in_chunks, micro_batch
 
 
-def _padim_gradient(model: DiffadModel, x: torch.Tensor) -> torch.Tensor:
-    """g = -grad_x mean(PaDiM map(x)), normalised by its std per image."""
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        score = model.padim.score_map(xg)
-        # Per-image mean; summing over the batch keeps each image's gradient its own.
-        loss = score.float().flatten(1).mean(dim=1).sum()
-        (grad,) = torch.autograd.grad(loss, xg)
-    g = -grad.detach()
+def _padim_gradient(model: DiffadModel, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """g = -grad_x mean(PaDiM map(x)), normalised by its std per image; the closed-form
+    Mahalanobis gradient (``Padim.mean_score_gradient``), ``chunk`` images at a time."""
+    g = -in_chunks(model.padim.mean_score_gradient, [x], chunk)
     std = g.flatten(1).std(dim=1).clamp_min(1e-12)
     return g / std.view(-1, 1, 1, 1)
 
@@ -72,17 +67,19 @@ def gradient_denoise(
         # reverse_step draws its noise on the images' device: seed a generator there from ours.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         generator = torch.Generator(device=device).manual_seed(seed)
+    # Rows are independent: on a CPU the networks run a few images at a time (cache-sized).
+    chunk = micro_batch(device, *images.shape[-2:])
     # Algorithm 1, line 1: start from the test image itself.
     x = images.to(device=device, dtype=torch.float32)
     for _ in range(int(cfg.rounds)):  # Algorithm 1, line 2
         for _ in range(int(cfg.grad_steps)):  # Algorithm 1, line 3
             # Algorithm 1, line 4: g = -grad_x mean(PaDiM map(x)) / std.
-            g = _padim_gradient(model, x)
+            g = _padim_gradient(model, x, chunk)
             # Algorithm 1, line 5: x = omega x + s g, a forward step of variance s^2.
             x = omega * x + s * g
         # Algorithm 1, line 7: one reverse step of the diffusion model at respaced index t.
         with torch.no_grad(), autocast_context(device, model.cfg.train.amp):
-            model_out, _ = model.unet(x, t_model, y)
+            model_out, _ = in_chunks(model.unet, [x, t_model, y], chunk)
         with torch.no_grad():
             x = reverse_step(model.schedule, model_out.float(), x, t_idx,
                              sample=bool(cfg.sample), generator=generator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,55 @@ def autocast_context(device: torch.device | str, amp: str) -> contextlib.Abstrac
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Pixels per network call on a CPU: one 64 px image at its three scoring timesteps. Larger calls
+# fall out of the CPU caches: at 64 px / 32 channels a UNet call on 24 images costs 1.6x, at
+# 128 px / 64 channels 2.3x more per image than calls of 3 (bench/bench_throughput.txt).
+_CPU_PIXELS_PER_CALL = 3 * 64 * 64
+
+
+def micro_batch(device: torch.device | str, height: int, width: int) -> int | None:
+    """Images per UNet or backbone call: None (the whole batch) on an accelerator; on a CPU as
+    many as make up ``_CPU_PIXELS_PER_CALL`` pixels, at least one."""
+    if torch.device(device).type != "cpu":
+        return None
+    return max(1, _CPU_PIXELS_PER_CALL // (int(height) * int(width)))
+
+
+def in_chunks(fn: Callable[..., Any], inputs: Sequence[torch.Tensor | None], chunk: int | None) -> Any:
+    """``fn(*inputs)`` evaluated ``chunk`` rows at a time (None: in one call) and concatenated
+    along dim 0; ``fn`` returns a tensor or a tuple of tensors, None inputs are passed as None.
+    For networks whose rows are independent (no batch statistics)."""
+    n = next(x.shape[0] for x in inputs if x is not None)
+    if chunk is None or chunk >= n:
+        return fn(*inputs)
+    parts = [fn(*(None if x is None else x[i:i + chunk] for x in inputs)) for i in range(0, n, chunk)]
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
+def use_channels_last(device: torch.device | str, setting: str) -> bool:
+    """``runtime.channels_last``: on, off, or auto (on for CPU; CUDA stays NCHW until measured)."""
+    if setting not in ("auto", "on", "off"):
+        raise DeviceError(f"runtime.channels_last={setting!r} is not one of auto, on, off")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cpu")
+
+
+def prepare_for_inference(model: Any, channels_last: str = "auto", compile_unet: bool = False) -> Any:
+    """Put a loaded model's networks in their fastest form for scoring and reconstruction, in
+    place (``runtime.channels_last``, ``runtime.compile_unet``): channels-last weights (a conv
+    with channels-last weights gives channels-last activations, so the whole network follows),
+    and the UNet wrapped by ``torch.compile``. Outputs equal the eager NCHW ones to float
+    tolerance (tests/test_runtime_throughput.py). Returns the model."""
+    if use_channels_last(model.device, channels_last):
+        for net in (model.unet, model.feature_target, getattr(model.padim, "backbone", None)):
+            if net is not None:
+                net.to(memory_format=torch.channels_last)
+    if compile_unet and not hasattr(model.unet, "_orig_mod"):
+        model.unet = torch.compile(model.unet)
+    return model
 
 
 def set_threads(num_threads: int | None) -> None:

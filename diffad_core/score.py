@@ -32,7 +32,7 @@ from diffad_core.config import ScoreConfig
 from diffad_core.data import PreparedSplit
 from diffad_core.diffusion import kl_map_bits, model_timesteps, p_mean_variance, q_sample
 from diffad_core.model import DiffadModel
-from diffad_core.runtime import autocast_context
+from diffad_core.runtime import autocast_context, in_chunks, micro_batch
 
 # The scoring variants among config.ABLATIONS: Eq. 11 with these settings changed.
 _VARIANTS: dict[str, dict[str, object]] = {
@@ -186,14 +186,22 @@ def component_maps(
     x_t = q_sample(s, x0_rep, t_idx, noise.reshape(x0_rep.shape).to(device))
     y = model.class_labels(category, x_t.shape[0])
     size = settings.feature_map_size
+    # The official feature pass: the same x_t, the unmapped index (5/50/100).
+    t_feature = t_idx if settings.official_timestep_quirk else None
 
-    with autocast_context(device, settings.amp):
+    def unet_passes(x: torch.Tensor, t_kl: torch.Tensor, t_feat: torch.Tensor | None,
+                    labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # The KL pass: the UNet sees the original-chain step of each respaced index (§3).
-        model_out, feat_hat = model.unet(x_t, model_timesteps(s, t_idx), y, feature_size=size)
-        if settings.official_timestep_quirk:
-            # The official feature pass: the same x_t, the unmapped index (5/50/100).
-            _, feat_hat = model.unet(x_t, t_idx, y, feature_size=size)
-        feat_target = model.feature_target(x0, size=size)
+        out, feat = model.unet(x, t_kl, labels, feature_size=size)
+        if t_feat is not None:
+            _, feat = model.unet(x, t_feat, labels, feature_size=size)
+        return out, feat
+
+    # Rows are independent: on a CPU the networks run a few images at a time (cache-sized).
+    chunk = micro_batch(device, h, w)
+    with autocast_context(device, settings.amp):
+        model_out, feat_hat = in_chunks(unet_passes, [x_t, model_timesteps(s, t_idx), t_feature, y], chunk)
+        feat_target = in_chunks(lambda x: model.feature_target(x, size=size), [x0], chunk)
     model_out, feat_hat, feat_target = model_out.float(), feat_hat.float(), feat_target.float()
 
     # Eq. 11, first term: KL in bits, normalised per image and t, then mean over t and channels.
@@ -205,8 +213,9 @@ def component_maps(
     if feat_hat.shape[1:] != feat_target.shape[1:]:
         raise ValueError(f"UNet feature head gives {tuple(feat_hat.shape[1:])} but the feature "
                          f"target gives {tuple(feat_target.shape[1:])}")
-    err = (feat_hat - feat_target.repeat(n_t, 1, 1, 1)).pow(2).mean(dim=1, keepdim=True)
-    err = F.interpolate(err, size=(h, w), mode="bilinear", align_corners=False)
+    err = (feat_hat.view(n_t, b, *feat_hat.shape[1:]) - feat_target).pow(2).mean(dim=2)
+    err = F.interpolate(err.view(n_t * b, 1, *err.shape[2:]), size=(h, w), mode="bilinear",
+                        align_corners=False)
     feature_map = err[:, 0].view(n_t, b, h, w).mean(dim=0)
 
     rgb_map = None
@@ -232,7 +241,8 @@ def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration |
 def _padim_map(model: DiffadModel, images: torch.Tensor) -> torch.Tensor:
     """PaDiM Mahalanobis map upsampled to H x W (the baseline scorer); (B, H, W) on CPU."""
     x0 = images.to(device=model.device, dtype=torch.float32)
-    m = model.padim.score_map(x0).float().unsqueeze(1)
+    m = in_chunks(model.padim.score_map, [x0], micro_batch(model.device, *x0.shape[-2:]))
+    m = m.float().unsqueeze(1)
     m = F.interpolate(m, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return m[:, 0].cpu()
 

@@ -25,7 +25,7 @@ from diffad_core.model import DiffadModel, checkpoint_dir, load_model
 from diffad_core.nets.adm_init import prepare_init_checkpoint
 from diffad_core.overlay import to_uint8_image
 from diffad_core.reconstruct import reconstruct_split
-from diffad_core.runtime import set_threads
+from diffad_core.runtime import prepare_for_inference, set_threads
 from diffad_core.score import MapCalibration, score_batch, score_split
 from diffad_core.train import TrainResult, train_model
 from diffad_core.validation import AlphaChoice, ScoringFit, fit_scoring, recorded_scoring_fit
@@ -125,6 +125,7 @@ def load_for_evaluation(checkpoint: Path, run_cfg: DiffadConfig | None = None) -
     model = load_model(checkpoint)
     cfg = model.cfg if run_cfg is None else model.cfg.with_evaluation_settings(run_cfg)
     set_threads(cfg.runtime.num_threads)
+    prepare_for_inference(model, cfg.runtime.channels_last, cfg.runtime.compile_unet)
     return EvaluationModel(model=model, cfg=cfg, checkpoint=Path(checkpoint))
 
 

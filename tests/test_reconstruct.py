@@ -92,6 +92,53 @@ def test_gradient_denoise_is_deterministic_and_batched(model: types.SimpleNamesp
     assert torch.allclose(both[1:], one, atol=1e-5)
 
 
+def _plain_algorithm_1(m: types.SimpleNamespace, images: torch.Tensor, cfg) -> torch.Tensor:
+    """Algorithm 1 written out plainly (METHOD.md §4): the whole batch in each call, autograd
+    through the PaDiM map for g, the posterior mean as the reverse step."""
+    import math
+
+    from diffad_core.diffusion import model_timesteps, p_mean_variance
+
+    s = cfg.step_size
+    t = torch.full((images.shape[0],), cfg.denoise_t)
+    x = images.clone()
+    for _ in range(cfg.rounds):
+        for _ in range(cfg.grad_steps):
+            xg = x.detach().requires_grad_(True)
+            m.padim.score_map(xg).flatten(1).mean(dim=1).sum().backward()
+            g = -xg.grad
+            g = g / g.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+            x = math.sqrt(1 - s * s) * x + s * g
+        with torch.no_grad():
+            out, _ = m.unet(x, model_timesteps(m.schedule, t), None)
+            x = p_mean_variance(m.schedule, out, x, t, clip=True)["mean"]
+    return x.clamp(-1, 1)
+
+
+def test_gradient_denoise_equals_the_plain_algorithm(model: types.SimpleNamespace, monkeypatch) -> None:
+    """The lean Algorithm 1 (closed-form PaDiM gradient, networks a few images at a time,
+    channels-last weights; issue #11) gives the plain computation's images to float tolerance."""
+    import copy
+
+    import diffad_core.runtime as runtime
+
+    m = copy.copy(model)
+    m.unet = copy.deepcopy(model.unet)
+    with torch.no_grad():  # a non-trivial reverse step: eps and v not zero
+        for p in m.unet.out.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    x, _, _ = _defective()
+    x = torch.cat([x, _normal_images(1, seed=7)])
+    cfg = model.cfg.reconstruct.model_copy(update={"rounds": 2, "grad_steps": 3, "sample": False})
+    expected = _plain_algorithm_1(m, x, cfg)
+    monkeypatch.setattr(runtime, "_CPU_PIXELS_PER_CALL", 2 * SIZE * SIZE)  # calls of 2, 2 and 1 image
+    got = gradient_denoise(m, x, cfg)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    m.padim = copy.deepcopy(model.padim)
+    runtime.prepare_for_inference(m, channels_last="on")
+    assert torch.allclose(gradient_denoise(m, x, cfg), expected, atol=1e-5)
+
+
 def test_gradient_denoise_rejects_bad_settings(model: types.SimpleNamespace) -> None:
     x, _, _ = _defective()
     with pytest.raises(ValueError, match="denoise_t"):

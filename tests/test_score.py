@@ -234,6 +234,24 @@ def test_paper_maps_equal_the_official_computation() -> None:
     assert torch.allclose(amap, 0.5 * kl_ref + 0.5 * feat_ref, atol=1e-4, rtol=1e-4)
 
 
+def test_paper_maps_in_micro_batches_with_channels_last_equal_the_official(monkeypatch) -> None:
+    """Issue #11's CPU path (the networks on one image at a time, channels-last weights) keeps
+    the ``paper`` preset's maps equal to the official computation's."""
+    import diffad_core.runtime as runtime
+
+    m = _smoke_model(preset="paper", **_TINY_PAPER)
+    x = _images(3, seed=7)
+    noise = torch.randn(3, *x.shape, generator=torch.Generator().manual_seed(5))
+    kl_ref, feat_ref = _reference_official(m, x, noise)
+    runtime.prepare_for_inference(m, channels_last="on")
+    m.unet = spy = _Spy(m.unet)
+    monkeypatch.setattr(runtime, "_CPU_PIXELS_PER_CALL", SIZE * SIZE)
+    maps = component_maps(m, x, "weave", m.cfg.score, noise=noise)
+    assert [c[0] for c in spy.calls] == [1] * 18  # 9 rows, two passes each
+    assert torch.allclose(maps.kl, kl_ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(maps.feature, feat_ref, atol=1e-6, rtol=1e-4)
+
+
 def test_scoring_variants_reuse_the_noise() -> None:
     m = _smoke_model(**{"score.ablations": "[grid_h4,single_pass,kl,feature]"})
     b = _batch(m, _images(2), 0.5, 0)

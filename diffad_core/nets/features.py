@@ -78,4 +78,4 @@ class FeatureTarget(nn.Module):
             if self.imagenet_norm:
                 inp = (inp - self.mean.to(inp.dtype)) / self.std.to(inp.dtype)
             feats = self.backbone(inp)
-            return resize_concat(list(feats), grid)
+            return resize_concat(list(feats), grid).contiguous()  # NCHW for channels-last weights

@@ -91,8 +91,16 @@ class Padim(nn.Module):
             raise RuntimeError(
                 f"Padim: first layer grid is {tuple(feats[0].shape[-2:])}, expected {self.grid}"
             )
-        emb = resize_concat(feats, self.grid).index_select(1, self.channel_index)
-        return emb.flatten(2)
+        # Keep the selected channels of each layer before resizing: bilinear resizing is per
+        # channel, so this equals resize-then-select, on n_channels instead of all channels.
+        selected, start = [], 0
+        for f in feats:
+            stop = start + f.shape[1]
+            inside = self.channel_index[(self.channel_index >= start) & (self.channel_index < stop)]
+            if inside.numel():
+                selected.append(f.index_select(1, inside - start))
+            start = stop
+        return resize_concat(selected, self.grid).flatten(2)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[Any]) -> Padim:
@@ -148,6 +156,27 @@ class Padim(nn.Module):
         q = ((diff @ self.inv_cov.to(emb.dtype)) * diff).sum(-1)  # (P, B)
         dist = q.clamp_min(1e-12).sqrt()
         return dist.transpose(0, 1).reshape(x.shape[0], *self.grid)
+
+    def mean_score_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """``grad_x`` of each image's mean Mahalanobis distance, (B, 3, H, W); the gradient of
+        ``score_map(x).flatten(1).mean(1).sum()`` without building autograd graphs for the
+        distance: ``d sqrt(q_p) / d f_p = Sigma_p^-1 (f_p - mu_p) / sqrt(q_p)`` (inv_cov is
+        exactly symmetric), so ``Sigma^-1 (f - mu)`` is computed once, without gradients, and
+        only the backbone is backpropagated (Algorithm 1 line 4, METHOD.md §4)."""
+        if not self.fitted:
+            raise RuntimeError("Padim.mean_score_gradient called before fit() or loading a fitted state_dict")
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            emb = self.embed(xg)  # (B, d, P)
+            with torch.no_grad():
+                diff = emb.detach().float().permute(2, 0, 1) - self.mean[:, None, :]  # (P, B, d)
+                u = torch.bmm(diff, self.inv_cov)  # Sigma^-1 (f - mu), (P, B, d)
+                q = (u * diff).sum(-1, keepdim=True)  # (P, B, 1)
+                # d/df of the mean over P of sqrt(max(q, 1e-12)); zero where the clamp holds
+                scale = torch.where(q > 1e-12, q.clamp_min(1e-12).rsqrt(), 0.0) / diff.shape[0]
+                grad_emb = (u * scale).permute(1, 2, 0).to(emb.dtype)  # (B, d, P)
+            (grad,) = torch.autograd.grad(emb, xg, grad_outputs=grad_emb)
+        return grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score_map(x)

@@ -356,7 +356,8 @@ class UNet(nn.Module):
             # official test script: F.interpolate(h, (feat_shape,)*2, mode="bilinear") before
             # the head (align_corners False); METHOD.md §3
             feat_in = F.interpolate(feat_in, size=(size, size), mode="bilinear", align_corners=False)
-        return self.out(h), self.feature_head(feat_in)
+        # NCHW out whatever the weights' memory format (runtime.prepare_for_inference)
+        return self.out(h).contiguous(), self.feature_head(feat_in).contiguous()
 
 
 def build_unet(cfg: DiffadConfig, feature_channels: int) -> UNet:

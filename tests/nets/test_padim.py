@@ -119,3 +119,29 @@ def test_wide_resnet_layers_1_to_3_channels():
     model = Padim(cfg, 32)
     assert model.backbone.feature_info.channels() == [256, 512, 1024]
     assert model.grid == (8, 8) and model.n_channels == 500
+
+
+def test_embedding_selects_channels_before_resizing_as_if_after(fitted):
+    """embed() keeps the chosen channels of each layer before resizing (issue #11); resizing all
+    channels and then selecting gives the same embedding (to float32 rounding)."""
+    from diffad_core.nets.features import resize_concat
+
+    x = _normal_images(2, seed=6)
+    with torch.no_grad():
+        inp = ((x + 1) / 2 - fitted.norm_mean) / fitted.norm_std
+        full = resize_concat(list(fitted.backbone(inp)), fitted.grid)
+        expected = full.index_select(1, fitted.channel_index).flatten(2)
+        assert torch.allclose(fitted.embed(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_mean_score_gradient_equals_autograd_of_the_mean_score(fitted):
+    """The closed-form Mahalanobis gradient (issue #11) is autograd's gradient of each image's
+    mean score_map, to float32 tolerance."""
+    x = _normal_images(3, seed=8)
+    x[1, :, 2:6, 2:6] = 0.9  # one image with a defect: larger, uneven gradients
+    xg = x.clone().requires_grad_(True)
+    fitted.score_map(xg).flatten(1).mean(dim=1).sum().backward()
+    grad = fitted.mean_score_gradient(x)
+    assert grad.shape == x.shape
+    assert torch.allclose(grad, xg.grad, rtol=1e-4, atol=1e-6 * float(xg.grad.abs().max()))
+    assert all(p.grad is None for p in fitted.parameters())
