@@ -187,8 +187,7 @@ def register_task(cfg: DiffadConfig, mlflow_run_id: str, checkpoint: str, label:
     tracking.set_tags(mlflow_run_id, {"registered_model": name, "model_version": version,
                                       "promotion_decision": decision.decision})
     return RegistryOutcome(name=name, version=version, registered=True, promoted=decision.promoted,
-                           reason=decision.reason, champion_version=decision.champion_version,
-                           compared=decision.decision != registry.NOT_COMPARED)
+                           reason=decision.reason, champion_version=decision.champion_version)
 
 
 def _weights_note(weights: list[WeightsInfo]) -> str:

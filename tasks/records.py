@@ -107,4 +107,3 @@ class RegistryOutcome(_Record):
     promoted: bool
     reason: str
     champion_version: str | None = None
-    compared: bool = True  # False: the champion was measured on another test set (not promoted)
