@@ -290,6 +290,20 @@ def test_predict_writes_overlays_and_prints_scores(
     assert len(list(out.glob("*.png"))) == 2  # same stem in two folders: no overwrite
 
 
+def test_predict_says_how_it_resized_a_non_square_image(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue #10 item 9: the training preprocessing, and a line saying what it did."""
+    from PIL import Image
+
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.full((30, 90, 3), 120, np.uint8)).save(image)
+    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]) == 0
+    size = json.loads((checkpoint / "config.json").read_text())["data"]["image_size"]
+    assert (f"{image}: 90x30 resized to {size}x{size} as the training images were "
+            "(data.image_size; aspect ratio not kept)") in capsys.readouterr().err
+
+
 def test_predict_missing_image_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["predict", str(tmp_path / "nope.png"), "--checkpoint", str(tmp_path)])
     assert code == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -203,12 +204,26 @@ def _predict(args: argparse.Namespace) -> int:
     from diffad_core.usecases import predict_images
 
     prediction = predict_images(ev, category, paths, alpha=args.alpha)
+    _say_resized(paths, int(ev.cfg.data.image_size))
     out = Path(args.out) if args.out else Path("predictions")
     for j, (p, name) in enumerate(zip(paths, _output_names(paths))):
         image = prediction.images[j]
         panel = side_by_side([to_uint8_image(image), overlay(image, prediction.anomaly_maps[j])])
         print(f"{p}\t{float(prediction.image_scores[j]):.6f}\t{save_png(panel, out / name)}")
     return 0
+
+
+def _say_resized(paths: list[Path], size: int) -> None:
+    """One stderr line per image whose size is not the model's: it was resized as the training
+    images were (``data.load_image``: bicubic to size x size, so a non-square one is stretched)."""
+    from diffad_core.data import image_size
+
+    for p in paths:
+        w, h = image_size(p)
+        if (w, h) != (size, size):
+            note = "; aspect ratio not kept" if w != h else ""
+            print(f"{p}: {w}x{h} resized to {size}x{size} as the training images were "
+                  f"(data.image_size{note})", file=sys.stderr)
 
 
 def _model_info(args: argparse.Namespace) -> int:
