@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TEMPLATE = REPO / "infra" / "gpu-kubernetes.json"
 POOL = "gpu-kubernetes"
+IMAGE = "registry.example/diffad-gpu-worker:0.1.0"
 
 
 def _rendered_job(api_url: str, flow_run_id: str) -> dict[str, Any]:
@@ -67,9 +68,15 @@ def test_gpu_kubernetes_pool_from_template(servers: Servers, tmp_path: Path) -> 
     pool = api(f"{api_url}/work_pools/{POOL}")
     assert pool["type"] == "kubernetes" and pool["base_job_template"] == template
 
+    # The pool's default image is the one built from infra/Dockerfile.gpu-worker (the compose
+    # file names its tag); a team deploys with its registry's copy (README "Teams").
+    compose = yaml.safe_load((REPO / "infra" / "docker-compose.yml").read_text())
+    assert compose["x-gpu-worker"]["build"]["dockerfile"] == "infra/Dockerfile.gpu-worker"
+    assert template["variables"]["properties"]["image"]["default"] == compose["x-gpu-worker"]["image"]
+
     # The same train-category deployment as the process pools', pointed at this pool.
     prefect_cli(["deploy", "--prefect-file", "infra/prefect.yaml", "--name", "train-category",
-                 "--pool", POOL], env, timeout=180)
+                 "--pool", POOL, "--job-variable", f"image={IMAGE}"], env, timeout=180)
     deployment = api(f"{api_url}/deployments/name/train-category/train-category")
     assert deployment["work_pool_name"] == POOL
     spec = next(d for d in yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())["deployments"]
@@ -86,10 +93,7 @@ def test_gpu_kubernetes_pool_from_template(servers: Servers, tmp_path: Path) -> 
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    # The image built from infra/Dockerfile.gpu-worker (the compose file names its tag).
-    compose = yaml.safe_load((REPO / "infra" / "docker-compose.yml").read_text())
-    assert container["image"] == compose["x-gpu-worker"]["image"]
-    assert compose["x-gpu-worker"]["build"]["dockerfile"] == "infra/Dockerfile.gpu-worker"
+    assert container["image"] == IMAGE
     assert container["args"][:3] == ["prefect", "flow-run", "execute"]
     env_vars = {e["name"]: e.get("value") for e in container["env"]}
     assert env_vars["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"

@@ -1,0 +1,48 @@
+"""What ``diffad benchmark`` prints (issue 12, "a console a person reads").
+
+By default: the progress bars, the outcome per category and the final table; Prefect's flow and
+task INFO lines go to ``results/<run_id>/prefect.log`` (and the Prefect UI) instead. With
+``--verbose`` they are on the console too. Runs the real command in a subprocess (its own
+temporary Prefect server) on one tiny smoke category.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.servers import BIN, REPO, SMOKE_OVERRIDES, client_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CATEGORY = "weave"
+TASK_LINE = "Task run 'train-weave' - Finished in state Completed()"
+
+
+def _benchmark(tmp_path: Path, run_id: str, *flags: str) -> list[str]:
+    env = client_env(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sets = [arg for o in SMOKE_OVERRIDES for arg in ("--set", o)]
+    out = subprocess.run([str(BIN / "diffad"), "benchmark", "--preset", "smoke", "--category",
+                          CATEGORY, "--no-register", "--run-id", run_id, *sets, *flags],
+                         env=env, cwd=REPO, capture_output=True, timeout=600)
+    # Bytes, decoded here: text mode would turn each \r of a progress bar's redraw into a line.
+    console = (out.stdout + out.stderr).decode(errors="replace")
+    assert out.returncode == 0, console[-4000:]
+    return console.split("\n")  # not splitlines(): a bar's redraws (\r) stay on its line
+
+
+def test_console_shows_bars_and_table_logs_go_to_file(tmp_path: Path) -> None:
+    lines = _benchmark(tmp_path, "quiet")
+    text = "\n".join(lines)
+    assert "Task run" not in text and "| INFO " not in text, text
+    for stage in ("train", "score"):  # one bar per category stage
+        assert sum(line.lstrip("\r").startswith(f"{stage} {CATEGORY}") for line in lines) == 1, text
+    assert "run quiet: completed" in text and f"| {CATEGORY} |" in text
+    assert len(lines) <= 25, f"{len(lines)} console lines:\n{text}"
+    log = (tmp_path / "home" / "results" / "quiet" / "prefect.log").read_text()
+    assert TASK_LINE in log and "Beginning flow run" in log
+
+    verbose = "\n".join(_benchmark(tmp_path, "verbose", "--verbose"))
+    assert TASK_LINE in verbose and "Beginning flow run" in verbose
