@@ -1,13 +1,17 @@
-"""Model registry: promotion rule, challenger/champion aliases both ways, compare, models:/ URIs."""
+"""Model registry: promotion rule, challenger/champion aliases both ways, compare, models:/ URIs,
+dataset ids in model names, the same-test-set rule, versions registered before the pyfunc model."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from diffad_core.config import load_config
-from tasks import registry, tracking
+from diffad_core.data import resolve_dataset
+from tasks import pipeline, registry, tracking  # pipeline (Prefect) first: it sets up logging
+from tasks.records import CategoryMetrics
 from tests.tasks.conftest import make_checkpoint
 
 
@@ -177,9 +181,7 @@ def test_versions_registered_before_stay_readable(home: Path, tmp_path: Path) ->
 def test_test_set_hash_follows_test_images_and_masks_only(home: Path) -> None:
     """The manifest a version's metrics were measured on: its category's test images and masks
     (a changed training image keeps it, a changed test image or mask changes it)."""
-    from diffad_core.data import resolve_dataset
-    from tasks.pipeline import manifest_hash_of_test_set
-
+    manifest_hash_of_test_set = pipeline.manifest_hash_of_test_set
     cfg = load_config("smoke", overrides=["data.categories=[weave,gravel]",
                                           "data.synth.categories=[weave,gravel]"])
     root = resolve_dataset(cfg, progress=False)
@@ -199,3 +201,33 @@ def test_test_set_hash_follows_test_images_and_masks_only(home: Path) -> None:
     assert touched(sorted((root / "weave" / "test").glob("*/*.png"))[0]) != weave
     assert touched(sorted((root / "weave" / "ground_truth").glob("*/*.png"))[0]) != weave
     assert manifest_hash_of_test_set(cfg, ["weave"]) == weave
+
+
+def test_register_task_compares_only_on_the_same_test_set(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The register task tags each version with its test set's manifest: a better challenger on
+    the same test set is promoted; after a test image changed it is not compared, and the task
+    says so in its log."""
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: logging.getLogger("register-test"))
+    cfg = load_config("smoke", overrides=["data.categories=[weave]", "data.synth.categories=[weave]"])
+    root = resolve_dataset(cfg, progress=False)
+
+    def register(i: int, pro: float) -> object:
+        run = tracking.start_run(cfg, f"weave-{i}", {})
+        return pipeline.register_task.fn(cfg, run, str(make_checkpoint(tmp_path / f"c{i}")), "weave",
+                                         CategoryMetrics(category="weave", pro=pro, pixel_auroc=0.9),
+                                         f"run-{i}")
+
+    assert register(0, 0.5).promoted
+    assert register(1, 0.6).promoted  # same test set, better
+    image = sorted((root / "weave" / "test").glob("*/*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")
+    with caplog.at_level(logging.WARNING, logger="register-test"):
+        third = register(2, 0.9)
+    assert not third.promoted and "another test set" in third.reason
+    assert "not compared with champion version 2" in caplog.text
+    client = tracking.get_client()
+    tags = [client.get_model_version("diffad-synthetic-weave", v).tags for v in ("1", "2", "3")]
+    assert tags[0][registry.TEST_MANIFEST_TAG] == tags[1][registry.TEST_MANIFEST_TAG]
+    assert tags[2][registry.TEST_MANIFEST_TAG] == pipeline.manifest_hash_of_test_set(cfg, ["weave"])
+    assert tags[2]["promotion_decision"] == "not_compared" and tags[2]["dataset_id"] == "synthetic"
