@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,6 @@ class PromotionDecision:
     reason: str
     champion_version: str | None  # the champion before the decision
     decision: str  # PROMOTED | KEPT | NOT_COMPARED
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def decide(challenger: dict[str, float], champion: dict[str, float] | None,
