@@ -217,6 +217,8 @@ def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | b
     of tasks/pyfunc_model.py). ``alpha``: default ``score.alpha``. The map calibration is the one
     recorded with the model (:func:`scoring_fit`; fitted on the training data when missing).
     """
+    if not images:
+        raise UseCaseError("no images to score")
     cfg = ev.cfg
     calibration = scoring_fit(ev, category, progress=False).calibration
     alpha = float(cfg.score.alpha if alpha is None else alpha)

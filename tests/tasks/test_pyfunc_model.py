@@ -110,11 +110,15 @@ def test_load_model_predicts_like_diffad_predict(registered: dict[str, Any], tmp
     assert (model_dir / "artifacts" / "scoring").is_dir()  # the recorded map calibration
 
 
-def test_unknown_category_is_refused(registered: dict[str, Any]) -> None:
+def test_bad_requests_are_refused_clearly(registered: dict[str, Any]) -> None:
     model = mlflow.pyfunc.load_model(registered["uri"])
     with pytest.raises(Exception, match="not in this checkpoint"):
         model.predict(pd.DataFrame({"image": [registered["images"][0].read_bytes()]}),
                       params={"category": "gravel"})
+    with pytest.raises(Exception, match="input image 0: not a readable image"):
+        model.predict(pd.DataFrame({"image": [b"not a png"]}))
+    with pytest.raises(Exception, match="no images to score"):
+        model.predict(pd.DataFrame({"image": pd.Series([], dtype=object)}))
 
 
 def _free_port() -> int:
