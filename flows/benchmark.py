@@ -20,7 +20,6 @@ from prefect import flow, get_run_logger
 
 from diffad_core import results
 from diffad_core.config import DiffadConfig, load_config
-from diffad_core.data import require_verified
 from flows.category import train_category, train_or_restore
 from flows.guard import run_lock
 from tasks import mlflow_logging as ml
@@ -213,8 +212,6 @@ def _benchmark(cfg: DiffadConfig, run_id: str, date: str | None, only: list[str]
     """The body of ``full_benchmark``, run while holding the run lock."""
     logger = get_run_logger()
     data: PreparedData = p.prepare_data(cfg)
-    # The checks of `diffad data verify`, before any training (cached per manifest).
-    require_verified(data.root, cfg.data.dataset, data.categories)
     # From here on the config names the resolved data folder and category list (and, for the
     # cpu preset, the settings fitted to that data).
     cfg = p.fit_config(cfg, data)

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow
 
 from diffad_core.config import DiffadConfig
+from diffad_core.data import DatasetProblems, require_verified
 from diffad_core.model import MODEL_FILE
 from tasks import caching
 from tasks import mlflow_logging as ml
@@ -37,6 +38,14 @@ def train_or_restore(cfg: DiffadConfig, categories: list[str], label: str, manif
     return train, cached
 
 
+def _error_text(exc: Exception) -> str:
+    """The error a failed category records: with broken data, one line per bad file too."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, DatasetProblems):
+        text += "".join(f"\n{line}" for line in exc.problems)
+    return text
+
+
 @flow(name="train-category", log_prints=True, validate_parameters=True)
 def train_category(
     config: DiffadConfig,
@@ -55,6 +64,9 @@ def train_category(
                                {"category": category, "diffad_run_id": run_id, "label": label},
                                parent_mlflow_run_id)
     try:
+        # The checks of `diffad data verify` (cached per manifest), before any training: a
+        # category with broken ground truth fails alone, one line per bad file in its error.
+        require_verified(cfg.data.resolved_root(), cfg.data.dataset, [category])
         train = unified
         if train is None:
             # A category's model does not depend on which other categories share the run.
@@ -81,7 +93,7 @@ def train_category(
         return outcome
     except Exception as exc:
         write_category_status(run_id, CategoryOutcome(
-            category=category, status="failed", error=f"{type(exc).__name__}: {exc}",
+            category=category, status="failed", error=_error_text(exc),
             traceback=traceback.format_exc(limit=8), mlflow_run_id=child,
             config_hash=cfg.config_hash(), manifest_hash=manifest_hash))
         ml.close_mlflow_run(child, "FAILED")
