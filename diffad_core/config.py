@@ -304,8 +304,8 @@ class RuntimeConfig(_Section):
     local_workers: int = Field(1, ge=1)  # categories run at once by the local executor (threads)
     deployment_name: str = "train-category/train-category"
     # Throughput (issue #11, runtime.prepare_for_inference): channels-last weights for the UNet
-    # and backbones when scoring and reconstructing (auto: on CPU, where oneDNN's convs are
-    # faster with it; bench/bench_throughput.txt), torch.compile of the UNet (minutes to compile).
+    # when scoring and reconstructing (auto: on CPU, where oneDNN's convs are faster with it;
+    # bench/bench_throughput.txt), torch.compile of the UNet (minutes to compile).
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile_unet: bool = False
 

@@ -21,10 +21,10 @@ from diffad_core.model import DiffadModel
 from diffad_core.runtime import autocast_context, in_chunks, micro_batch
 
 
-def _padim_gradient(model: DiffadModel, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+def _padim_gradient(model: DiffadModel, x: torch.Tensor) -> torch.Tensor:
     """g = -grad_x mean(PaDiM map(x)), normalised by its std per image; the closed-form
-    Mahalanobis gradient (``Padim.mean_score_gradient``), ``chunk`` images at a time."""
-    g = -in_chunks(model.padim.mean_score_gradient, [x], chunk)
+    Mahalanobis gradient (``Padim.mean_score_gradient``)."""
+    g = -model.padim.mean_score_gradient(x)
     std = g.flatten(1).std(dim=1).clamp_min(1e-12)
     return g / std.view(-1, 1, 1, 1)
 
@@ -67,14 +67,14 @@ def gradient_denoise(
         # reverse_step draws its noise on the images' device: seed a generator there from ours.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         generator = torch.Generator(device=device).manual_seed(seed)
-    # Rows are independent: on a CPU the networks run a few images at a time (cache-sized).
+    # Rows are independent: on a CPU the UNet runs a few images at a time (cache-sized).
     chunk = micro_batch(device, *images.shape[-2:])
     # Algorithm 1, line 1: start from the test image itself.
     x = images.to(device=device, dtype=torch.float32)
     for _ in range(int(cfg.rounds)):  # Algorithm 1, line 2
         for _ in range(int(cfg.grad_steps)):  # Algorithm 1, line 3
             # Algorithm 1, line 4: g = -grad_x mean(PaDiM map(x)) / std.
-            g = _padim_gradient(model, x, chunk)
+            g = _padim_gradient(model, x)
             # Algorithm 1, line 5: x = omega x + s g, a forward step of variance s^2.
             x = omega * x + s * g
         # Algorithm 1, line 7: one reverse step of the diffusion model at respaced index t.

@@ -93,15 +93,16 @@ def autocast_context(device: torch.device | str, amp: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# Pixels per network call on a CPU: one 64 px image at its three scoring timesteps. Larger calls
-# fall out of the CPU caches: at 64 px / 32 channels a UNet call on 24 images costs 1.6x, at
-# 128 px / 64 channels 2.3x more per image than calls of 3 (bench/bench_throughput.txt).
+# Pixels per UNet call on a CPU: one 64 px image at its three scoring timesteps. Larger calls
+# fall out of the CPU caches: a UNet call on 24 images cost 1.5x (64 px, 32 channels) and 2.3x
+# (128 px, 64 channels) more per image than calls of 3 (issue #11). The backbones (PaDiM, the
+# feature target) are not cache-bound like that: they run on the whole batch.
 _CPU_PIXELS_PER_CALL = 3 * 64 * 64
 
 
 def micro_batch(device: torch.device | str, height: int, width: int) -> int | None:
-    """Images per UNet or backbone call: None (the whole batch) on an accelerator; on a CPU as
-    many as make up ``_CPU_PIXELS_PER_CALL`` pixels, at least one."""
+    """Images per UNet call: None (the whole batch) on an accelerator; on a CPU as many as make
+    up ``_CPU_PIXELS_PER_CALL`` pixels, at least one."""
     if torch.device(device).type != "cpu":
         return None
     return max(1, _CPU_PIXELS_PER_CALL // (int(height) * int(width)))
@@ -128,15 +129,14 @@ def use_channels_last(device: torch.device | str, setting: str) -> bool:
 
 
 def prepare_for_inference(model: Any, channels_last: str = "auto", compile_unet: bool = False) -> Any:
-    """Put a loaded model's networks in their fastest form for scoring and reconstruction, in
-    place (``runtime.channels_last``, ``runtime.compile_unet``): channels-last weights (a conv
-    with channels-last weights gives channels-last activations, so the whole network follows),
-    and the UNet wrapped by ``torch.compile``. Outputs equal the eager NCHW ones to float
-    tolerance (tests/test_runtime_throughput.py). Returns the model."""
+    """Put a loaded model's UNet in its fastest form for scoring and reconstruction, in place
+    (``runtime.channels_last``, ``runtime.compile_unet``): channels-last weights (a conv with
+    channels-last weights gives channels-last activations, so the whole network follows; the
+    backbones' depthwise convs gain nothing from it on a CPU), and ``torch.compile``. Outputs
+    equal the eager NCHW ones to float tolerance (tests/test_runtime_throughput.py). Returns
+    the model."""
     if use_channels_last(model.device, channels_last):
-        for net in (model.unet, model.feature_target, getattr(model.padim, "backbone", None)):
-            if net is not None:
-                net.to(memory_format=torch.channels_last)
+        model.unet.to(memory_format=torch.channels_last)
     if compile_unet and not hasattr(model.unet, "_orig_mod"):
         model.unet = torch.compile(model.unet)
     return model

@@ -197,11 +197,11 @@ def component_maps(
             _, feat = model.unet(x, t_feat, labels, feature_size=size)
         return out, feat
 
-    # Rows are independent: on a CPU the networks run a few images at a time (cache-sized).
+    # Rows are independent: on a CPU the UNet runs a few images at a time (cache-sized).
     chunk = micro_batch(device, h, w)
     with autocast_context(device, settings.amp):
         model_out, feat_hat = in_chunks(unet_passes, [x_t, model_timesteps(s, t_idx), t_feature, y], chunk)
-        feat_target = in_chunks(lambda x: model.feature_target(x, size=size), [x0], chunk)
+        feat_target = model.feature_target(x0, size=size)
     model_out, feat_hat, feat_target = model_out.float(), feat_hat.float(), feat_target.float()
 
     # Eq. 11, first term: KL in bits, normalised per image and t, then mean over t and channels.
@@ -241,8 +241,7 @@ def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration |
 def _padim_map(model: DiffadModel, images: torch.Tensor) -> torch.Tensor:
     """PaDiM Mahalanobis map upsampled to H x W (the baseline scorer); (B, H, W) on CPU."""
     x0 = images.to(device=model.device, dtype=torch.float32)
-    m = in_chunks(model.padim.score_map, [x0], micro_batch(model.device, *x0.shape[-2:]))
-    m = m.float().unsqueeze(1)
+    m = model.padim.score_map(x0).float().unsqueeze(1)
     m = F.interpolate(m, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return m[:, 0].cpu()
 

@@ -90,6 +90,27 @@ def _nearest_2x(x: torch.Tensor) -> torch.Tensor:
     return x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
 
 
+class _PointwiseConv(nn.Conv2d):
+    """``nn.Conv2d(in, out, 1)`` (same parameters) computed on a CPU as a matmul over channels:
+    torch's CPU conv dispatch sends 1x1 convs to a slow path that copies channels-last input to
+    NCHW first (a fifth of the UNet's time at 64 px; issue #11)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
+        weight = self.weight.reshape(self.out_channels, self.in_channels)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return F.linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
+        b, _, h, w = x.shape
+        out = torch.matmul(weight, x.reshape(b, self.in_channels, h * w))
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(b, self.out_channels, h, w)
+
+
 class _Upsample(nn.Module):
     """Nearest x2 upsampling, optionally followed by a 3x3 conv."""
 
@@ -149,7 +170,7 @@ class _ResBlock(_TimestepBlock):
             _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection: nn.Module = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if out_channels == channels else _PointwiseConv(channels, out_channels)
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -188,17 +209,18 @@ class _AttentionBlock(nn.Module):
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, *spatial = x.shape
-        flat = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(flat))  # (B, 3C, T)
-        n = flat.shape[-1]
+        b, c, height, width = x.shape
+        n, heads = height * width, self.num_heads
+        # Tokens (B, T, C), a view of channels-last x; the 1x1 convs as matmuls over channels.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.view(3 * c, c), self.qkv.bias)  # (B, T, 3C)
         # (B, heads, T, d) each; contiguous q, k, v let SDPA take its fused (flash) kernel on CPU
-        # as on CUDA: 3x faster than its strided math fallback at 16x16 (bench/bench_throughput.txt).
+        # as on CUDA: 3x faster than its strided math fallback at 16x16 (issue #11).
         q, k, v = (part.contiguous() for part in
-                   qkv.reshape(b, self.num_heads, 3 * c // self.num_heads, n).transpose(2, 3).chunk(3, dim=-1))
+                   qkv.view(b, n, heads, 3 * c // heads).transpose(1, 2).chunk(3, dim=-1))
         a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
-        h = self.proj_out(a.transpose(2, 3).reshape(b, c, n))
-        return (flat + h).reshape(b, c, *spatial)
+        h = F.linear(a.transpose(1, 2).reshape(b, n, c), self.proj_out.weight.view(c, c), self.proj_out.bias)
+        return x + h.transpose(1, 2).view(b, c, height, width)
 
 
 class UNet(nn.Module):
@@ -300,7 +322,7 @@ class UNet(nn.Module):
         )
         # METHOD.md §2 feature head; the conv keeps its default (non-zero) init.
         self.feature_head = nn.Sequential(
-            group_norm(feature_ch), nn.SiLU(), nn.Conv2d(feature_ch, feature_channels, 1)
+            group_norm(feature_ch), nn.SiLU(), _PointwiseConv(feature_ch, feature_channels)
         )
 
     @property

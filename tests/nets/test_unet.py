@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffad_core.config import load_config
 from diffad_core.nets import UNet, build_unet, model_summary
@@ -181,3 +182,18 @@ def test_feature_head_reads_the_quarter_level_before_upsampling():
     _, feat = net(torch.randn(1, 3, 64, 64), torch.tensor([3]))
     assert seen["h"].shape == (1, 64, 16, 16)  # 1/4 of 64 px, channel_mult[2] * 32 channels
     assert torch.allclose(feat, net.feature_head(seen["h"]))
+
+
+def test_pointwise_conv_is_a_1x1_conv_in_both_memory_formats():
+    """The CPU matmul form of the UNet's 1x1 convs (issue #11) equals nn.Conv2d's."""
+    from diffad_core.nets.unet import _PointwiseConv
+
+    torch.manual_seed(0)
+    conv = _PointwiseConv(6, 4)
+    x = torch.randn(2, 6, 5, 3)
+    expected = F.conv2d(x, conv.weight, conv.bias)
+    assert torch.allclose(conv(x), expected, atol=1e-6)
+    got = conv(x.contiguous(memory_format=torch.channels_last))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (4, 6, 1, 1)
