@@ -214,14 +214,17 @@ def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | b
     """Eq. 11 and the image score of each image (a file, or an encoded file's bytes), scored in
     batches of ``score.batch_size`` with noise drawn from ``seed`` in order, so the same images
     in the same order give the same numbers (``diffad predict``, and the registered MLflow model
-    of tasks/pyfunc_model.py). ``alpha``: default ``score.alpha``. The map calibration is the one
-    recorded with the model (:func:`scoring_fit`; fitted on the training data when missing).
+    of tasks/pyfunc_model.py). ``alpha``: default the "Ours*" alpha recorded with the model, else
+    ``score.alpha``. That alpha and the map calibration come from :func:`scoring_fit` (recorded
+    with the model; fitted on the training data when missing).
     """
     if not images:
         raise UseCaseError("no images to score")
     cfg = ev.cfg
-    calibration = scoring_fit(ev, category, progress=False).calibration
-    alpha = float(cfg.score.alpha if alpha is None else alpha)
+    fit = scoring_fit(ev, category, progress=False)
+    if alpha is None:  # "Ours*" when the model recorded one, else score.alpha (as score_category)
+        alpha = fit.alpha_choice.alpha if fit.alpha_choice is not None else cfg.score.alpha
+    alpha, calibration = float(alpha), fit.calibration
     size = int(cfg.data.image_size)
     arrays = []
     for i, source in enumerate(images):

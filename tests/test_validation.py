@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,27 @@ def test_no_scoring_fit_is_needed_without_calibration_or_ours_star(train_only: l
     m = _smoke_model(**{"score.calibrate_maps": False, "score.alpha_per_category": False})
     assert validation.recorded_scoring_fit(m, m.cfg, "weave") == validation.ScoringFit()
     assert train_only == []
+
+
+def test_predict_uses_the_recorded_ours_star_alpha(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``diffad predict`` and the MLflow model score with the alpha "Ours*" chose for the
+    category (as the benchmark does), unless told otherwise."""
+    import io
+
+    from PIL import Image
+
+    from diffad_core.usecases import EvaluationModel, predict_images
+
+    m, _ = _held_out_model(**{"score.validation_fraction": 0.3, "score.alpha_per_category": True,
+                              "score.calibrate_maps": False})
+    m.folder = tmp_path
+    choice = validation.AlphaChoice(alpha=0.125, grid=[0.125, 0.5], validation_pro={0.125: 0.9, 0.5: 0.1})
+    path = validation._scoring_fit_path(tmp_path, m.cfg, "weave")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(validation.ScoringFit(alpha_choice=choice).to_dict()))
+    monkeypatch.setattr(validation, "prepare_split", lambda *a: pytest.fail("refitted"))
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 20, 3), 128, dtype=np.uint8)).save(buf, format="PNG")
+    ev = EvaluationModel(model=m, cfg=m.cfg, checkpoint=tmp_path)
+    assert predict_images(ev, "weave", [buf.getvalue()]).alpha == 0.125
+    assert predict_images(ev, "weave", [buf.getvalue()], alpha=0.75).alpha == 0.75
