@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tests.integration.servers import Servers, client_env, run_benchmark_deployment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
