@@ -26,6 +26,8 @@ from diffad_core import report as Rep
 from diffad_core import results as R
 from tests.results_helpers import make_records
 
+pytestmark = pytest.mark.integration  # starts a browser process on 127.0.0.1
+
 CATEGORIES = ["weave", "gravel"]
 _BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
