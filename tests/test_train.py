@@ -249,3 +249,15 @@ def test_training_fine_tunes_from_an_adm_checkpoint(home: Path, tmp_path: Path):
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(AdmInitError, match="input_blocks.0.0.weight"):
         train_model(cfg, ["weave"], tmp_path / "bad", progress=False, init_weights=tmp_path / "broken.pt")
+
+
+def test_batches_come_in_pinned_memory_only_for_cuda(monkeypatch) -> None:
+    """Issue #11: on CUDA the loader pins its batches (the host-to-device copy then overlaps the
+    step before it); on a CPU pinning would only cost time."""
+    import diffad_core.train as train
+
+    cfg = load_config("smoke")
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4))
+    assert train._epoch_loader(data, cfg, seed=0, epoch=0).pin_memory is False
+    monkeypatch.setattr(train, "select_device", lambda spec: torch.device("cuda"))
+    assert train._epoch_loader(data, cfg, seed=0, epoch=0).pin_memory is True
