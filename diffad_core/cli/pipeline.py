@@ -113,6 +113,8 @@ def _console_logging(run_id: str, verbose: bool) -> None:
         logging.getLogger(name).addHandler(to_file)
     if verbose:
         return
+    # MLflow's per-artifact download bars (one per registered model) say nothing a person needs.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
     consoles += [h for h in logging.getLogger("mlflow").handlers
                  if isinstance(h, logging.StreamHandler) and h is not to_file]

@@ -26,7 +26,7 @@ def _benchmark(tmp_path: Path, run_id: str, *flags: str) -> list[str]:
     env = client_env(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     sets = [arg for o in SMOKE_OVERRIDES for arg in ("--set", o)]
     out = subprocess.run([str(BIN / "diffad"), "benchmark", "--preset", "smoke", "--category",
-                          CATEGORY, "--no-register", "--run-id", run_id, *sets, *flags],
+                          CATEGORY, "--run-id", run_id, *sets, *flags],
                          env=env, cwd=REPO, capture_output=True, timeout=600)
     # Bytes, decoded here: text mode would turn each \r of a progress bar's redraw into a line.
     console = (out.stdout + out.stderr).decode(errors="replace")
@@ -38,9 +38,11 @@ def test_console_shows_bars_and_table_logs_go_to_file(tmp_path: Path) -> None:
     lines = _benchmark(tmp_path, "quiet")
     text = "\n".join(lines)
     assert "Task run" not in text and "| INFO " not in text, text
+    assert "Downloading artifacts" not in text, text  # MLflow's bars while registering the model
     for stage in ("train", "score"):  # one bar per category stage
         assert sum(line.lstrip("\r").startswith(f"{stage} {CATEGORY}") for line in lines) == 1, text
     assert "run quiet: completed" in text and f"| {CATEGORY} |" in text
+    assert f"registry: diffad-synthetic-{CATEGORY}: version 1 promoted to champion" in text
     assert len(lines) <= 25, f"{len(lines)} console lines:\n{text}"
     log = (tmp_path / "home" / "results" / "quiet" / "prefect.log").read_text()
     assert TASK_LINE in log and "Beginning flow run" in log
