@@ -127,12 +127,89 @@ def _ablation_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]] | Non
     return headers, rows
 
 
-def _timing_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    headers = ["category", "train s", "score ms/image", "reconstruct ms/image", "model version"]
-    rows = [[str(r["category"]), _num(r.get("train_seconds")), _num(r.get("score_ms_per_image")),
-             _num(r.get("reconstruct_ms_per_image")), str(r.get("model_version") or "n/a")]
-            for r in _ordered(df).to_dict("records")]
+# MVTec-AD: 15 categories, 1725 test images (Bergmann et al., CVPR 2019), for the projection.
+_MVTEC_CATEGORIES, _MVTEC_TEST_IMAGES = 15, 1725
+_PROJECTION_DEVICES = (1, 2, 4, 8, 15)
+
+
+def _value(row: Mapping[str, Any], key: str) -> float | None:
+    v = row.get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _reconstructed(run_dir: Path, category: str) -> int:
+    """How many of the category's test images have a reconstruction in its partition."""
+    try:
+        rows = R.read_scores(run_dir, [category], columns=["category", "reconstruction"])
+    except FileNotFoundError:
+        return 0
+    return int(rows["reconstruction"].notna().sum())
+
+
+def _stage_seconds(run_dir: Path, df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per category (the mean row left out): seconds spent training, scoring (ms/image x test
+    images) and reconstructing (ms/image x reconstructed images), None where not measured."""
+    out = []
+    for r in _ordered(df).to_dict("records"):
+        if r["category"] == R.MEAN_ROW:
+            continue
+        n_test = _value(r, "n_test") or 0.0
+        n_recon = _reconstructed(run_dir, str(r["category"]))
+        score_ms, recon_ms = _value(r, "score_ms_per_image"), _value(r, "reconstruct_ms_per_image")
+        stage = {"category": str(r["category"]), "train": _value(r, "train_seconds"),
+                 "score_ms": score_ms, "score": None if score_ms is None else score_ms * n_test / 1000,
+                 "reconstruct_ms": recon_ms, "n_test": n_test, "n_reconstructed": n_recon,
+                 "reconstruct": None if recon_ms is None else recon_ms * n_recon / 1000,
+                 "model_version": r.get("model_version")}
+        measured = [stage[k] for k in ("train", "score", "reconstruct") if stage[k] is not None]
+        stage["total"] = sum(measured) if measured else None
+        out.append(stage)
+    return out
+
+
+def _timing_table(stages: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers = ["category", "train s", "score ms/image", "score s", "reconstruct ms/image",
+               "reconstruct s", "total s", "model version"]
+    rows = [[st["category"], _num(st["train"]), _num(st["score_ms"]), _num(st["score"]),
+             _num(st["reconstruct_ms"]), _num(st["reconstruct"]), _num(st["total"]),
+             str(st["model_version"] or "n/a")] for st in stages]
+
+    def total(key: str) -> float | None:
+        values = [st[key] for st in stages if st[key] is not None]
+        return sum(values) if values else None
+
+    def per_image(key: str, count: str) -> float | None:
+        n = sum(st[count] for st in stages if st[key] is not None)
+        return 1000 * total(key) / n if n and total(key) is not None else None
+
+    rows.append(["total", _num(total("train")), _num(per_image("score", "n_test")), _num(total("score")),
+                 _num(per_image("reconstruct", "n_reconstructed")), _num(total("reconstruct")),
+                 _num(total("total")), ""])
     return headers, rows
+
+
+def _projection(stages: list[dict[str, Any]]) -> tuple[str, tuple[list[str], list[list[str]]]] | None:
+    """The full MVTec-AD benchmark at this run's measured per-stage rates: per category the mean
+    training time, plus its share of the 1725 test images scored and reconstructed (as large a
+    share reconstructed as in this run); one category per device at a time on N devices."""
+    train = [st["train"] for st in stages if st["train"] is not None]
+    scored = [st for st in stages if st["score"] is not None and st["n_test"]]
+    if not train and not scored:
+        return None
+    n_test = sum(st["n_test"] for st in scored)
+    score_s = sum(st["score"] for st in scored) / n_test if n_test else 0.0
+    recon = [st for st in stages if st["reconstruct"] is not None and st["n_test"]]
+    recon_s = (sum(st["reconstruct"] for st in recon) / sum(st["n_test"] for st in recon)) if recon else 0.0
+    per_image = score_s + recon_s  # seconds per test image (reconstruction at this run's share)
+    per_category = (sum(train) / len(train) if train else 0.0) + _MVTEC_TEST_IMAGES / _MVTEC_CATEGORIES * per_image
+    note = (f"Projected full MVTec-AD benchmark ({_MVTEC_CATEGORIES} categories, {_MVTEC_TEST_IMAGES} "
+            f"test images) at this run's measured rates: {sum(train) / len(train) if train else 0:.1f} s "
+            f"training per category{'' if train else ' (not measured in this run)'}, "
+            f"{1000 * score_s:.1f} ms scoring and {1000 * recon_s:.1f} ms reconstructing per test "
+            "image; categories run one per device at a time, on N devices like this run's.")
+    rows = [[str(n), _num(math.ceil(_MVTEC_CATEGORIES / n) * per_category / 3600, "{:.2f}")]
+            for n in _PROJECTION_DEVICES]
+    return note, (["devices", "hours"], rows)
 
 
 def _failure_table(run_dir: Path, df: pd.DataFrame) -> tuple[list[str], list[list[str]]] | None:
@@ -390,7 +467,9 @@ def build_report(
     run_id = run_dir.resolve().name
     main = _main_table(df, dataset)
     ablation = _ablation_table(df)
-    timing = _timing_table(df)
+    stages = _stage_seconds(run_dir, df)
+    timing = _timing_table(stages)
+    projection = _projection(stages)
     failures = _failure_table(run_dir, df)
     note = _dataset_note(dataset)
     refs = _paper_reference_lines(dataset)
@@ -411,6 +490,8 @@ def build_report(
     if failures:
         md += ["## Failure modes per defect kind", "", _FAILURE_NOTE, "", _md_table(*failures), ""]
     md += ["## Timings", "", _md_table(*timing), ""]
+    if projection:
+        md += [projection[0], "", _md_table(*projection[1]), ""]
     if figures:
         md += ["## Figures", "", _FIGURE_NOTE, ""]
         for cat, p in figures.items():
@@ -441,6 +522,8 @@ def build_report(
         h += ["<h2>Failure modes per defect kind</h2>", f"<p>{html.escape(_FAILURE_NOTE)}</p>",
               _html_table(*failures)]
     h += ["<h2>Timings</h2>", _html_table(*timing)]
+    if projection:
+        h += [f"<p>{html.escape(projection[0])}</p>", _html_table(*projection[1])]
     if figures:
         h += ["<h2>Figures</h2>", f"<p>{html.escape(_FIGURE_NOTE)}</p>"]
         for cat, p in figures.items():

@@ -177,3 +177,23 @@ def test_report_on_a_run_without_defect_metrics_file(run: Path, tmp_path: Path) 
     R.defect_metrics_path(run).unlink()
     md = Rep.build_report(run, tmp_path / "o", dataset="mvtec")["markdown"].read_text()
     assert "| bottle | hole | 2 | 2 |" in md and "| weave | hole |" in md
+
+
+def test_timings_give_seconds_per_stage_and_a_projection(run: Path, tmp_path: Path) -> None:
+    """Issue #11: time per category for each stage, a total row, and the full MVTec-AD benchmark
+    projected from the measured rates onto N devices."""
+    n = int(R.read_metrics(run).set_index("category").loc["bottle", "n_test"])
+    md = Rep.build_report(run, tmp_path / "rep3", dataset="mvtec")["markdown"].read_text()
+    section = md.split("## Timings", 1)[1].split("## Figures", 1)[0]
+    bottle = next(line for line in section.splitlines() if line.startswith("| bottle |"))
+    # 12.5 s training, 3.25 ms x n scored, 40 ms x n reconstructed (all of bottle's images)
+    score_s, recon_s = 3.25 * n / 1000, 40.0 * n / 1000
+    assert bottle == (f"| bottle | 12.5 | 3.2 | {score_s:.1f} | 40.0 | {recon_s:.1f} | "
+                      f"{12.5 + score_s + recon_s:.1f} | v1 |")
+    total = next(line for line in section.splitlines() if line.startswith("| total |"))
+    assert total.startswith(f"| total | 12.5 | 3.2 | {score_s:.1f} | 40.0 | {recon_s:.1f} |")
+    per_category = 12.5 + 1725 / 15 * (3.25 + 40.0) / 1000
+    assert "Projected full MVTec-AD benchmark (15 categories, 1725 test images)" in section
+    assert f"| 1 | {15 * per_category / 3600:.2f} |" in section
+    assert f"| 4 | {4 * per_category / 3600:.2f} |" in section  # ceil(15 / 4) rounds
+    assert f"| 15 | {per_category / 3600:.2f} |" in section
