@@ -85,8 +85,12 @@ class _EmbedSequential(nn.Sequential):
 
 def _nearest_2x(x: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour x2 upsampling of (B, C, H, W): ``F.interpolate(x, scale_factor=2,
-    mode="nearest")`` exactly, as two ``repeat_interleave`` copies; the CPU interpolate kernel
-    copies the tensor three times and is 5x slower at 64 px (bench/bench_throughput.txt)."""
+    mode="nearest")`` exactly, as copies of an expanded view (channels-last stays channels-last);
+    the CPU interpolate kernel copies the tensor three times and is 5x slower at 64 px (issue #11)."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c)
+        return nhwc.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
     return x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
 
 

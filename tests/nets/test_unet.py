@@ -197,3 +197,13 @@ def test_pointwise_conv_is_a_1x1_conv_in_both_memory_formats():
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(got, expected, atol=1e-6)
     assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (4, 6, 1, 1)
+
+
+def test_nearest_upsampling_equals_interpolate_and_keeps_the_memory_format():
+    from diffad_core.nets.unet import _nearest_2x
+
+    x = torch.randn(2, 5, 3, 4)
+    expected = F.interpolate(x, scale_factor=2, mode="nearest")
+    assert torch.equal(_nearest_2x(x), expected) and _nearest_2x(x).is_contiguous()
+    cl = _nearest_2x(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(cl, expected) and cl.is_contiguous(memory_format=torch.channels_last)
