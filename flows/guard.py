@@ -83,6 +83,11 @@ except (OSError, ProcessLookupError):
 """
 
 
+# Guards live as long as this process: their stdin pipes must close only when it ends (a
+# collected Popen would close its pipe, and the guard would stop the server too early).
+_GUARDS: list[subprocess.Popen[bytes]] = []
+
+
 @contextlib.contextmanager
 def temporary_prefect_server() -> Iterator[str | None]:
     """Prefect's temporary server, stopped by Prefect at exit and, through a guard process,
@@ -97,10 +102,9 @@ def temporary_prefect_server() -> Iterator[str | None]:
     server = SubprocessASGIServer()
     server.start()
     process = server.server_process
-    guard = None
     if process is not None and sys.platform.startswith("linux"):
-        guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(process.pid)],
-                                 stdin=subprocess.PIPE, start_new_session=True)
+        _GUARDS.append(subprocess.Popen([sys.executable, "-c", _GUARD, str(process.pid)],
+                                        stdin=subprocess.PIPE, start_new_session=True))
     # Prefect stops the server at exit (atexit, after its logs are flushed); the guard's pipe
     # closes with this process, however it ends, and the guard then stops what is left.
     yield server.api_url

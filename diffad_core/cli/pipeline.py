@@ -181,14 +181,15 @@ def _benchmark(args: argparse.Namespace) -> int:
     from tasks.runs import new_run_id
 
     preflight()
-    _check_data(cfg)
-    _exit_on_sigterm()
-    from flows.benchmark import full_benchmark
-
     run_id = args.run_id or new_run_id(args.date)
-    _console_logging(run_id, args.verbose)
-    with run_lock(run_id), temporary_prefect_server():
-        state = full_benchmark(config=cfg, run_id=run_id, date=args.date, return_state=True)
+    with run_lock(run_id):  # a second benchmark of this run id refuses before any more work
+        _check_data(cfg)
+        _exit_on_sigterm()
+        from flows.benchmark import full_benchmark
+
+        _console_logging(run_id, args.verbose)
+        with temporary_prefect_server():
+            state = full_benchmark(config=cfg, run_id=run_id, date=args.date, return_state=True)
     return _finish(run_id, state)
 
 
