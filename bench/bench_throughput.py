@@ -199,8 +199,9 @@ def _bench_network(label: str, size: int, channels: int, reps: int, rounds: int,
 
         fns = {"reference": lambda: _reference_scores(plain, x, noise),
                "two_pass": lambda: ours_score(two_pass), "ours": ours_score}
-        for fn in fns.values():  # warm-up (oneDNN primitive caches)
-            fn()
+        if batch == BATCHES[0]:  # warm-up (weights in memory, oneDNN primitives), on one image
+            for fn in fns.values():
+                fn()
         sc = _interleaved(fns, reps)
         rec_fns = {"before": lambda: _before_reconstruct(plain, x, rounds),
                    "ours": lambda: gradient_denoise(ours, x, ours.cfg.reconstruct.model_copy(update={"rounds": rounds}))}

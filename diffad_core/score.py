@@ -172,6 +172,26 @@ def component_maps(
     """
     steps = [int(t) for t in model.cfg.diffusion.score_timesteps]
     _check_inputs(model, images, steps)
+    b, _, h, w = images.shape
+    shape = (len(steps), *images.shape)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must be {shape}, got {tuple(noise.shape)}")
+    # Images are independent: on a CPU every step below runs for a few images at a time, so the
+    # UNet's activations and the maps' temporaries stay in cache (issue #11); the whole batch
+    # at once elsewhere.
+    chunk = micro_batch(model.device, h, w)
+    group = b if chunk is None else max(1, chunk // len(steps))
+    parts = [_group_maps(model, images[i:i + group], category, settings, steps, noise[:, i:i + group], with_rgb)
+             for i in range(0, b, group)]
+    return ComponentMaps(kl=torch.cat([m.kl for m in parts]), feature=torch.cat([m.feature for m in parts]),
+                         rgb=torch.cat([m.rgb for m in parts]) if with_rgb else None)
+
+
+def _group_maps(model: DiffadModel, images: torch.Tensor, category: str, settings: ScoreConfig,
+                steps: list[int], noise: torch.Tensor, with_rgb: bool) -> ComponentMaps:
+    """``component_maps`` of one group of images, all scoring steps batched in t-major order."""
     s, device = model.schedule, model.device
     b, _, h, w = images.shape
     n_t = len(steps)
@@ -179,10 +199,6 @@ def component_maps(
     # Batch layout: t-major, rows [i*B:(i+1)*B] are all images at steps[i]; all t in one pass.
     x0_rep = x0.repeat(n_t, 1, 1, 1)
     t_idx = torch.tensor(steps, dtype=torch.long).repeat_interleave(b).to(device)
-    if noise is None:
-        noise = torch.randn(x0_rep.shape, generator=generator, dtype=torch.float32)
-    elif tuple(noise.shape) != (n_t, *x0.shape):
-        raise ValueError(f"noise must be {(n_t, *x0.shape)}, got {tuple(noise.shape)}")
     x_t = q_sample(s, x0_rep, t_idx, noise.reshape(x0_rep.shape).to(device))
     y = model.class_labels(category, x_t.shape[0])
     size = settings.feature_map_size
@@ -197,10 +213,9 @@ def component_maps(
             _, feat = model.unet(x, t_feat, labels, feature_size=size)
         return out, feat
 
-    # Rows are independent: on a CPU the UNet runs a few images at a time (cache-sized).
-    chunk = micro_batch(device, h, w)
     with autocast_context(device, settings.amp):
-        model_out, feat_hat = in_chunks(unet_passes, [x_t, model_timesteps(s, t_idx), t_feature, y], chunk)
+        model_out, feat_hat = in_chunks(unet_passes, [x_t, model_timesteps(s, t_idx), t_feature, y],
+                                        micro_batch(device, h, w))
         feat_target = model.feature_target(x0, size=size)
     model_out, feat_hat, feat_target = model_out.float(), feat_hat.float(), feat_target.float()
 
