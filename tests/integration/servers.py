@@ -65,16 +65,19 @@ def prefect_cli(args: list[str], env: dict[str, str], timeout: int = 120) -> str
     return out.stdout
 
 
-def client_env(tmp: Path, mlflow_uri: str) -> dict[str, str]:
+def client_env(tmp: Path, mlflow_uri: str | None = None) -> dict[str, str]:
     """The environment of every client and worker: this test's Prefect home, DIFFAD_HOME and
-    MLflow store; none of the caller's PREFECT_*/MLFLOW_* settings."""
+    MLflow store (None: set later, e.g. by :meth:`Servers.mlflow_server`); none of the
+    caller's PREFECT_*/MLFLOW_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update({
         "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1", "PREFECT_CLI_PROMPT": "false", "PREFECT_LOGGING_LEVEL": "INFO",
         "DIFFAD_HOME": str(tmp / "home"), "DIFFAD_REPO": str(REPO),
-        "MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONUNBUFFERED": "1",
+        "PYTHONUNBUFFERED": "1",
     })
+    if mlflow_uri is not None:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri
     return env
 
 

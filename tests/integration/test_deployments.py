@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from tests.integration.servers import Servers, client_env, run_benchmark_deployment
 
@@ -43,8 +44,6 @@ def test_full_benchmark_fans_out_to_two_workers(servers: Servers, tmp_path: Path
     for cat in CATEGORIES:
         assert (results / "scores" / f"category={cat}").is_dir()
     # Each category logged its MLflow child run from its worker process under the parent's run.
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("diffad-synthetic")
     runs = client.search_runs([exp.experiment_id], "tags.diffad_run_id = 'deployed'")

@@ -17,11 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
+from prefect.client.orchestration import PrefectClient
 
 from diffad_core.config import load_config
 from tests.integration.servers import PREFECT, REPO, Servers, api, client_env, prefect_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+k8s_worker = pytest.importorskip("prefect_kubernetes.worker",
+                                 reason="prefect-kubernetes (a test extra) is not installed")
 
 TEMPLATE = REPO / "infra" / "gpu-kubernetes.json"
 POOL = "gpu-kubernetes"
@@ -31,16 +34,13 @@ IMAGE = "registry.example/diffad-gpu-worker:0.1.0"
 def _rendered_job(api_url: str, flow_run_id: str) -> dict[str, Any]:
     """The Job manifest the Kubernetes worker would create for this flow run (its own code path:
     the pool's template and the deployment's job variables, then the flow run's settings)."""
-    from prefect.client.orchestration import PrefectClient
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
     async def _render() -> dict[str, Any]:
         async with PrefectClient(api_url) as client:
             run = await client.read_flow_run(flow_run_id)
             deployment = await client.read_deployment(run.deployment_id)
             pool = await client.read_work_pool(POOL)
             flow = await client.read_flow(run.flow_id)
-            config = await KubernetesWorkerJobConfiguration.from_template_and_values(
+            config = await k8s_worker.KubernetesWorkerJobConfiguration.from_template_and_values(
                 pool.base_job_template, deployment.job_variables or {}, client=client)
             config.prepare_for_flow_run(run, deployment=deployment, flow=flow, work_pool=pool)
             return config.job_manifest
@@ -49,7 +49,6 @@ def _rendered_job(api_url: str, flow_run_id: str) -> dict[str, Any]:
 
 
 def test_gpu_kubernetes_pool_from_template(servers: Servers, tmp_path: Path) -> None:
-    pytest.importorskip("prefect_kubernetes", reason="prefect-kubernetes (the test extra) is not installed")
     env = client_env(tmp_path, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     api_url = servers.prefect_server(env)
     template = json.loads(TEMPLATE.read_text())

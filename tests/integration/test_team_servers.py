@@ -27,7 +27,7 @@ CATEGORY_METRICS = {"pixel_auroc", "pro", "image_auroc", "train_seconds", "train
 
 def test_benchmark_on_postgres_backed_prefect_and_mlflow(servers: Servers, tmp_path: Path) -> None:
     pg = servers.postgres(["prefect", "mlflow"])
-    env = client_env(tmp_path, mlflow_uri="")
+    env = client_env(tmp_path)
     api_url = servers.prefect_server(env, database_url=pg.url("prefect", driver="asyncpg"))
     # The driver is named: SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3, not psycopg2.
     mlflow_url = servers.mlflow_server(env, backend_store_uri=pg.url("mlflow", driver="psycopg2"))
