@@ -41,7 +41,8 @@ What torch.profiler showed on this 2-core machine (64 px network, one thread), a
   24 x 64 x 32 x 32); SDPA on strided q/k/v takes its math fallback (27 ms vs 9 ms at 16x16):
   both replaced in ``nets.unet`` by exact equivalents;
 - larger batches were slower per image because of memory, not threads (one thread): a UNet call
-  on 24 images cost 1.5x (64 px) and 2.3x (128 px) more per image than calls of 3; on a CPU the
+  on 24 images of 64 px cost 1.3x more per image than calls of 3, on 6 of 128 px 1.4x more than
+  calls of 1 (channels-last; NCHW 1.5-1.7x at 128 px); on a CPU the
   UNet and the maps now run a few images at a time (``runtime.micro_batch``), with
   channels-last weights (``runtime.prepare_for_inference``), and 1x1 convs as matmuls (the CPU
   conv dispatch copied channels-last input for them: a fifth of the UNet's time);

@@ -94,9 +94,10 @@ def autocast_context(device: torch.device | str, amp: str) -> contextlib.Abstrac
 
 
 # Pixels per UNet call on a CPU: one 64 px image at its three scoring timesteps. Larger calls
-# fall out of the CPU caches: a UNet call on 24 images cost 1.5x (64 px, 32 channels) and 2.3x
-# (128 px, 64 channels) more per image than calls of 3 (issue #11). The backbones (PaDiM, the
-# feature target) are not cache-bound like that: they run on the whole batch.
+# fall out of the CPU caches: a channels-last UNet call on 24 images of 64 px (32 channels) cost
+# 1.3x more per image than calls of 3, one on 6 images of 128 px (64 channels) 1.4x more than
+# calls of 1 (issue #11). The backbones (PaDiM, the feature target) are not cache-bound like
+# that: they run on the whole batch.
 _CPU_PIXELS_PER_CALL = 3 * 64 * 64
 
 
