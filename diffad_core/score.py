@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from diffad_core.config import ScoreConfig
 from diffad_core.data import PreparedSplit
 from diffad_core.diffusion import kl_map_bits, model_timesteps, p_mean_variance, q_sample
 from diffad_core.model import DiffadModel
+from diffad_core.progress import progress_bar
 from diffad_core.runtime import autocast_context, in_chunks, micro_batch
 
 # The scoring variants among config.ABLATIONS: Eq. 11 with these settings changed.
@@ -311,7 +311,7 @@ def score_split(
         raise ValueError(f"score.batch_size must be >= 1, got {settings.batch_size}")
     generator = torch.Generator().manual_seed(int(seed))
     n = len(prepared.labels)
-    bar = tqdm(total=n, desc=f"score {prepared.category}", unit="img", disable=not progress)
+    bar = progress_bar(total=n, desc=f"score {prepared.category}", unit="img", enabled=progress)
     try:
         for start in range(0, n, settings.batch_size):
             stop = min(n, start + settings.batch_size)

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 from timm.utils.model_ema import ModelEmaV3
-from tqdm.auto import tqdm
 
 from diffad_core._atomic import atomic_write
 from diffad_core.config import DiffadConfig, config_from_dict
@@ -38,6 +37,7 @@ from diffad_core.model import (
 )
 from diffad_core.nets import build_unet
 from diffad_core.nets.adm_init import load_adm_init
+from diffad_core.progress import progress_bar
 from diffad_core.runtime import (
     amp_dtype,
     autocast_context,
@@ -307,8 +307,8 @@ def train_model(
             (out_dir / name).unlink()
     t_start = time.perf_counter()
     window: dict[str, list[float]] = {k: [] for k in ("loss", "mse", "vb", "feature")}
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {'+'.join(categories)}",
-               unit="it", dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=step, enabled=progress, desc=f"train {'+'.join(categories)}",
+                       unit="it")
     batches = _batches(dataset, cfg, seed, step, restore)
     unet.train()
     try:

@@ -28,12 +28,11 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from diffad_core._atomic import staging_dir
 from diffad_core.config import DownloadSource
 from diffad_core.data.layouts import DataError, list_categories
 from diffad_core.data.manifest import sha256_file
+from diffad_core.progress import progress_bar
 
 MARKER = ".diffad-download.json"
 _CHUNK = 1 << 20
@@ -72,9 +71,9 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> None:
             offset, mode = 0, "wb"  # the server ignored the Range: start over
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        with open(part, mode) as fh, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                          unit_divisor=1024, desc=part.name[:-5],
-                                          disable=not progress, leave=False) as bar:
+        with open(part, mode) as fh, progress_bar(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=part.name[:-5], enabled=progress, leave=False) as bar:
             while chunk := response.read(_CHUNK):
                 fh.write(chunk)
                 bar.update(len(chunk))

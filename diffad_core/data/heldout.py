@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from diffad_core._atomic import replace_dir, staging_dir
+from diffad_core.progress import progress_bar
 
 MARKER_NAME = ".diffad_heldout.json"
 DEFECTS: tuple[str, ...] = ("crack", "spot", "missing", "foreign", "smear")
@@ -404,7 +405,7 @@ def generate_heldout(root: Path, *, seed: int = 0, size: int = 256, n_train: int
         tmp = staging_dir(root, ".tmp-heldout-")
         try:
             total = n_train + n_test_good + n_test_per_defect * len(DEFECTS)
-            with tqdm(total=total, desc=f"heldout {category}", disable=not progress) as bar:
+            with progress_bar(total=total, desc=f"heldout {category}", enabled=progress) as bar:
                 _build_category(tmp, category, settings, bar)
             (tmp / MARKER_NAME).write_text(json.dumps(settings, indent=1, sort_keys=True))
             replace_dir(tmp, target)  # readers never see a mix of old and new files

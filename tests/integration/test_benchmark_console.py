@@ -39,7 +39,7 @@ def test_console_shows_bars_and_table_logs_go_to_file(tmp_path: Path) -> None:
     text = "\n".join(lines)
     assert "Task run" not in text and "| INFO " not in text, text
     assert "Downloading artifacts" not in text, text  # MLflow's bars while registering the model
-    for stage in ("train", "score"):  # one bar per category stage
+    for stage in ("train", "reconstruct", "score"):  # one bar per category stage
         assert sum(line.lstrip("\r").startswith(f"{stage} {CATEGORY}") for line in lines) == 1, text
     assert "run quiet: completed" in text and f"| {CATEGORY} |" in text
     assert f"registry: diffad-synthetic-{CATEGORY}: version 1 promoted to champion" in text

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from tqdm import tqdm
 
 from diffad_core._atomic import atomic_write_text, replace_dir, staging_dir
 from diffad_core.config import SynthConfig
 from diffad_core.data.synth.defects import MAX_TRIES, PAINTERS, draw_severity, min_defect_area
 from diffad_core.data.synth.scenes import CATEGORY_CHANNELS, CATEGORY_DEFECTS, category_spec
+from diffad_core.progress import progress_bar
 
 GENERATOR_VERSION = 2  # 2: no NaN in weave at sizes where sin(pi x) rounded below 0
 MARKER_NAME = ".diffad_synth.json"
@@ -202,7 +202,7 @@ def generate_dataset(root: Path, cfg: SynthConfig, *, progress: bool = False) ->
     total = sum(len(_jobs(c, cfg)) for c in todo)
     bar = None
     if progress and total:
-        bar = tqdm(total=total, desc="synthesizing", unit="img")
+        bar = progress_bar(total=total, desc="synthesizing", unit="img")
     try:
         for category in todo:
             if bar is not None:

@@ -1,0 +1,22 @@
+"""Progress bars for the long steps (data, training, reconstruction, scoring, downloads).
+
+On a terminal a bar redraws in place; written to a file (CI logs, a worker's log, a pipe) it
+prints one line a minute instead of one per update, so two bars side by side do not fill a log
+with thousands of lines.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm.auto import tqdm
+
+LOG_INTERVAL_S = 60.0  # seconds between two lines of a bar that is not on a terminal
+
+
+def progress_bar(*, total: int | None, desc: str, enabled: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar on stderr (disabled unless ``enabled``); ``options`` go to tqdm (unit, ...)."""
+    on_terminal = sys.stderr.isatty()
+    options.setdefault("mininterval", 0.1 if on_terminal else LOG_INTERVAL_S)
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=on_terminal, **options)
