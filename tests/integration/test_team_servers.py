@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CATEGORIES = ["weave", "gravel"]
 RUN_ID = "team"
+STEPS = 150
 CATEGORY_METRICS = {"pixel_auroc", "pro", "image_auroc", "train_seconds", "train_steps", "final_loss"}
 
 
@@ -34,9 +35,11 @@ def test_benchmark_on_postgres_backed_prefect_and_mlflow(servers: Servers, tmp_p
     # The servers really use PostgreSQL (not a SQLite fallback under PREFECT_HOME).
     assert not list((tmp_path / "prefect-home").glob("*.db"))
 
+    # Long enough (a loss point every step) that both workers train and log at the same time:
+    # with 2 steps, a category could finish before the other worker had started its process.
     deployed = run_benchmark_deployment(servers, env, api_url, RUN_ID, [
         f"data.categories=[{','.join(CATEGORIES)}]", "registry.register_models=true",
-        "registry.promote=true"])
+        "registry.promote=true", f"train.iterations={STEPS}", "train.log_every=1"])
 
     # Prefect: one train-category flow run per category, pulled by the gpu workers, each with
     # its task-level log lines stored in the server's database (what the UI shows).
@@ -73,7 +76,7 @@ def test_benchmark_on_postgres_backed_prefect_and_mlflow(servers: Servers, tmp_p
         assert run.info.status == "FINISHED"
         assert CATEGORY_METRICS <= set(run.data.metrics), (cat, sorted(run.data.metrics))
         curve = client.get_metric_history(run.info.run_id, "train_loss")
-        assert sorted(m.step for m in curve) == [1, 2], cat  # train.iterations=2, one point a step
+        assert sorted(m.step for m in curve) == list(range(1, STEPS + 1)), cat  # one point a step
         figures = client.list_artifacts(run.info.run_id, "figures")
         assert figures and all(f.file_size > 0 for f in figures), cat
         # Artifacts went through the server to its own artifact root, not to DIFFAD_HOME.
