@@ -15,8 +15,19 @@ from tqdm.auto import tqdm
 LOG_INTERVAL_S = 60.0  # seconds between two lines of a bar that is not on a terminal
 
 
+class _Bar(tqdm):
+    """A tqdm bar whose postfix (a loss, a category name) shows at its next redraw: tqdm's
+    default redraws at every ``set_postfix``, which defeats the redraw interval."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = False, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = False) -> None:
+        super().set_postfix_str(s, refresh=refresh)
+
+
 def progress_bar(*, total: int | None, desc: str, enabled: bool = True, **options: Any) -> tqdm:
     """A tqdm bar on stderr (disabled unless ``enabled``); ``options`` go to tqdm (unit, ...)."""
     on_terminal = sys.stderr.isatty()
     options.setdefault("mininterval", 0.1 if on_terminal else LOG_INTERVAL_S)
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=on_terminal, **options)
+    return _Bar(total=total, desc=desc, disable=not enabled, dynamic_ncols=on_terminal, **options)

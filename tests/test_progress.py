@@ -17,6 +17,7 @@ def test_a_bar_in_a_log_file_writes_few_lines(monkeypatch: pytest.MonkeyPatch) -
         for _ in range(30):  # 1.5 s of updates: a terminal bar would redraw about 15 times
             time.sleep(0.05)
             bar.update(1)
+            bar.set_postfix(loss=f"{time.time():.3f}")  # as training does at every step
     redraws = [part for part in log.getvalue().replace("\n", "\r").split("\r") if part.strip()]
     assert 1 <= len(redraws) <= 3, redraws  # the first draw and the last, not one per update
     assert "30/30" in redraws[-1]
