@@ -247,3 +247,36 @@ def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path)
     leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
     assert leftovers == []
     assert sorted(p.name for p in (home / "results/r1/scores").iterdir()) == ["category=weave"]
+
+
+@pytest.mark.slow
+def test_kill_during_reconstruction_then_rerun(data: Path, home: Path, tmp_path: Path) -> None:
+    """kill -9 after training, while Algorithm 1 runs: nothing of the category's results is
+    half-written, and the rerun restores the trained model and completes."""
+    env = _env(home)
+    slow = ("--set", "reconstruct.rounds=400", "--set", "reconstruct.max_images_per_category=4")
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "r2", *slow)], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 150
+            while "reconstruct weave" not in log_path.read_text() and time.monotonic() < deadline:
+                assert first.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+            assert "reconstruct weave" in log_path.read_text(), log_path.read_text()
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    scores = home / "results/r2/scores"
+    assert not scores.exists() or not [p for p in scores.iterdir() if p.name.startswith("category=")]
+    assert any(status == "RUNNING" for _, status, _ in _mlflow_runs(home, "r2"))
+
+    code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r2", *slow), env, timeout=400)
+    assert code == 0, err
+    assert not [r for r in _mlflow_runs(home, "r2") if r[1] == "RUNNING"]
+    leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    assert leftovers == []
+    assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
