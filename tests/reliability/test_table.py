@@ -10,6 +10,7 @@ RUNNING, the killed ones closed as KILLED with a note, no stray temporaries.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -280,3 +281,66 @@ def test_kill_during_reconstruction_then_rerun(data: Path, home: Path, tmp_path:
     leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
     assert leftovers == []
     assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
+
+
+@pytest.mark.slow
+def test_kill_during_scoring_then_rerun(data: Path, home: Path, tmp_path: Path) -> None:
+    """kill -9 while Eq. 11 scores the test split: no partition of the category is left (the
+    partition is written whole or not at all), and the rerun completes."""
+    env = _env(home)
+    # Eq. 11 at 249 timesteps instead of 3, one image at a time: seconds of scoring to kill.
+    slow = ("--set", f"diffusion.score_timesteps=[{','.join(str(t) for t in range(1, 250))}]",
+            "--set", "score.batch_size=1", "--set", "reconstruct.enabled=false")
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "r3", *slow)], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 150
+            while "score weave" not in log_path.read_text() and time.monotonic() < deadline:
+                assert first.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+            assert "score weave" in log_path.read_text(), log_path.read_text()
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    scores = home / "results/r3/scores"
+    assert not scores.exists() or not [p for p in scores.iterdir() if p.name.startswith("category=")]
+
+    code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r3", *slow), env, timeout=400)
+    assert code == 0, err
+    assert not [r for r in _mlflow_runs(home, "r3") if r[1] == "RUNNING"]
+    leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    assert leftovers == []
+    assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
+
+
+@pytest.mark.slow
+def test_two_runs_training_one_model_train_it_once(data: Path, home: Path, tmp_path: Path) -> None:
+    """Two benchmarks with different run ids need the same model at once: the second waits on
+    the checkpoint folder's lock, names the holder, then reuses the finished model."""
+    env = _env(home)
+    long = ("--set", "train.iterations=300", "--set", "train.checkpoint_every=20")
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "a", *long)], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 150
+            while not list((home / "checkpoints").glob("folder/weave/*")) and time.monotonic() < deadline:
+                assert first.poll() is None, log_path.read_text()
+                time.sleep(0.5)
+            code, err, _seconds = _run(_benchmark_args(data, "--run-id", "b", *long), env, timeout=400)
+            assert first.wait(timeout=400) == 0, log_path.read_text()
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert code == 0, err
+    assert "waiting for checkpoint folder" in err and f"pid {first.pid}" in err, err
+    (folder,) = [p for p in (home / "checkpoints").glob("folder/weave/*") if p.is_dir()]
+    assert (folder / "model.safetensors").is_file()
+    for run_id in ("a", "b"):
+        status = json.loads((home / "results" / run_id / "status" / "weave.json").read_text())
+        assert status["status"] == "done" and status["checkpoint_dir"] == str(folder), status
