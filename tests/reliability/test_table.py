@@ -344,3 +344,34 @@ def test_two_runs_training_one_model_train_it_once(data: Path, home: Path, tmp_p
     for run_id in ("a", "b"):
         status = json.loads((home / "results" / run_id / "status" / "weave.json").read_text())
         assert status["status"] == "done" and status["checkpoint_dir"] == str(folder), status
+
+
+@pytest.mark.slow
+def test_kill_while_synthesizing_then_rerun(home: Path, tmp_path: Path) -> None:
+    """kill -9 while the synthetic data is written: no category is half there, and the rerun
+    clears the killed writer's staging folder, writes the data and completes."""
+    env = _env(home)
+    args = ["benchmark", "--preset", "smoke", "--category", "weave", "--no-promote", "--run-id", "r6",
+            "--set", "data.synth.n_train=300", "--set", "data.synth.size=96"]
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen([*DIFFAD, *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            data_root = home / "data" / "synthetic"
+            deadline = time.monotonic() + 150
+            while not list(data_root.glob(".tmp-synth-weave-*/train")) and time.monotonic() < deadline:
+                assert first.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert list(data_root.glob(".tmp-synth-weave-*")), log_path.read_text()  # killed mid-write
+    assert not (data_root / "weave").exists()
+
+    code, err, _seconds = _run(args, env, timeout=400)
+    assert code == 0, err
+    leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    assert leftovers == []
+    assert len(list((data_root / "weave" / "train" / "good").glob("*.png"))) == 300

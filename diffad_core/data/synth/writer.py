@@ -26,14 +26,16 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from diffad_core._atomic import atomic_write_text, replace_dir, staging_dir
+from diffad_core._atomic import atomic_write_text, remove_stale_temporaries, replace_dir, staging_dir
 from diffad_core.config import SynthConfig
 from diffad_core.data.synth.defects import MAX_TRIES, PAINTERS, draw_severity, min_defect_area
 from diffad_core.data.synth.scenes import CATEGORY_CHANNELS, CATEGORY_DEFECTS, category_spec
+from diffad_core.locks import file_lock
 from diffad_core.progress import progress_bar
 
 GENERATOR_VERSION = 2  # 2: no NaN in weave at sizes where sin(pi x) rounded below 0
 MARKER_NAME = ".diffad_synth.json"
+LOCK_NAME = ".diffad_synth.lock"
 _TMP_PREFIX = ".tmp-synth-"
 
 _README = """\
@@ -198,19 +200,22 @@ def generate_dataset(root: Path, cfg: SynthConfig, *, progress: bool = False) ->
     root.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(root / "readme.txt",
                        _README.format(version=GENERATOR_VERSION, marker=MARKER_NAME))
-    todo = [c for c in cfg.categories if not _is_complete(root / c, _marker(c, cfg))]
-    total = sum(len(_jobs(c, cfg)) for c in todo)
-    bar = None
-    if progress and total:
-        bar = progress_bar(total=total, desc="synthesizing", unit="img")
-    try:
-        for category in todo:
+    # One generator per folder: a second one waits, then finds the categories complete.
+    with file_lock(root / LOCK_NAME, f"synthetic dataset {root}", wait=True):
+        remove_stale_temporaries(root)  # staging folders of a generator killed mid-write
+        todo = [c for c in cfg.categories if not _is_complete(root / c, _marker(c, cfg))]
+        total = sum(len(_jobs(c, cfg)) for c in todo)
+        bar = None
+        if progress and total:
+            bar = progress_bar(total=total, desc="synthesizing", unit="img")
+        try:
+            for category in todo:
+                if bar is not None:
+                    bar.set_postfix_str(category)
+                _generate_category(root, category, cfg, bar.update if bar is not None else _noop)
+        finally:
             if bar is not None:
-                bar.set_postfix_str(category)
-            _generate_category(root, category, cfg, bar.update if bar is not None else _noop)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     return root
 
 
