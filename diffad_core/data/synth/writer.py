@@ -35,7 +35,6 @@ from diffad_core.progress import progress_bar
 
 GENERATOR_VERSION = 2  # 2: no NaN in weave at sizes where sin(pi x) rounded below 0
 MARKER_NAME = ".diffad_synth.json"
-LOCK_NAME = ".diffad_synth.lock"
 _TMP_PREFIX = ".tmp-synth-"
 
 _README = """\
@@ -200,8 +199,9 @@ def generate_dataset(root: Path, cfg: SynthConfig, *, progress: bool = False) ->
     root.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(root / "readme.txt",
                        _README.format(version=GENERATOR_VERSION, marker=MARKER_NAME))
-    # One generator per folder: a second one waits, then finds the categories complete.
-    with file_lock(root / LOCK_NAME, f"synthetic dataset {root}", wait=True):
+    # One generator per folder: a second one waits, then finds the categories complete. The lock
+    # file sits beside the folder, which keeps exactly the MVTec layout.
+    with file_lock(root.parent / f".{root.name}.synth.lock", f"synthetic dataset {root}", wait=True):
         remove_stale_temporaries(root)  # staging folders of a generator killed mid-write
         todo = [c for c in cfg.categories if not _is_complete(root / c, _marker(c, cfg))]
         total = sum(len(_jobs(c, cfg)) for c in todo)
