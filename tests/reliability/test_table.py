@@ -319,26 +319,29 @@ def test_kill_during_scoring_then_rerun(data: Path, home: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_two_runs_training_one_model_train_it_once(data: Path, home: Path, tmp_path: Path) -> None:
-    """Two benchmarks with different run ids need the same model at once: the second waits on
-    the checkpoint folder's lock, names the holder, then reuses the finished model."""
+    """Two benchmarks with different run ids, started together, need the same model: one trains
+    it while the other waits on the checkpoint folder's lock, naming the holder, then reuses
+    the finished model."""
     env = _env(home)
-    long = ("--set", "train.iterations=300", "--set", "train.checkpoint_every=20")
-    log_path = tmp_path / "first.log"
-    with log_path.open("w") as log:
-        first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "a", *long)], env=env,
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            deadline = time.monotonic() + 150
-            while not list((home / "checkpoints").glob("folder/weave/*")) and time.monotonic() < deadline:
-                assert first.poll() is None, log_path.read_text()
-                time.sleep(0.5)
-            code, err, _seconds = _run(_benchmark_args(data, "--run-id", "b", *long), env, timeout=400)
-            assert first.wait(timeout=400) == 0, log_path.read_text()
-        finally:
-            if first.poll() is None:
-                first.kill()
-    assert code == 0, err
-    assert "waiting for checkpoint folder" in err and f"pid {first.pid}" in err, err
+    long = ("--set", "train.iterations=400", "--set", "train.checkpoint_every=50")
+    procs, logs = {}, {}
+    for run_id in ("a", "b"):  # the same start-up work each: their training would overlap
+        logs[run_id] = tmp_path / f"{run_id}.log"
+        with logs[run_id].open("w") as log:
+            procs[run_id] = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", run_id, *long)],
+                                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        codes = {run_id: proc.wait(timeout=400) for run_id, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    text = {run_id: path.read_text() for run_id, path in logs.items()}
+    assert codes == {"a": 0, "b": 0}, text
+    waited = [run_id for run_id in procs if "waiting for checkpoint folder" in text[run_id]]
+    assert len(waited) == 1, text
+    holder = procs["b" if waited == ["a"] else "a"].pid
+    assert f"pid {holder}" in text[waited[0]], text
     (folder,) = [p for p in (home / "checkpoints").glob("folder/weave/*") if p.is_dir()]
     assert (folder / "model.safetensors").is_file()
     for run_id in ("a", "b"):
