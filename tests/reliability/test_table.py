@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,28 @@ def _mlflow_runs(home: Path, run_id: str) -> list[tuple[str, str, str | None]]:
     return [(a, b, c) for a, b, c in rows]
 
 
+def _leftovers(home: Path) -> list[Path]:
+    """Temporary files and staging folders of killed writers anywhere under ``home``."""
+    return [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+
+
+def _kill_when(args: list[str], env: dict[str, str], log_path: Path, ready: Callable[[str], bool]) -> None:
+    """Run ``diffad args`` until ``ready(its output so far)``, then kill -9 it."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([*DIFFAD, *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 150
+            while not ready(log_path.read_text()) and time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+            assert ready(log_path.read_text()), log_path.read_text()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 @pytest.mark.slow
 def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path) -> None:
     env = _env(home)
@@ -245,8 +268,7 @@ def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path)
     assert not [r for r in runs if r[1] == "RUNNING"], runs
     killed = [r for r in runs if r[0] in {s[0] for s in stale if s[1] == "RUNNING"}]
     assert killed and all(status == "KILLED" and note for _, status, note in killed), killed
-    leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
-    assert leftovers == []
+    assert _leftovers(home) == []
     assert sorted(p.name for p in (home / "results/r1/scores").iterdir()) == ["category=weave"]
 
 
@@ -256,21 +278,8 @@ def test_kill_during_reconstruction_then_rerun(data: Path, home: Path, tmp_path:
     half-written, and the rerun restores the trained model and completes."""
     env = _env(home)
     slow = ("--set", "reconstruct.rounds=400", "--set", "reconstruct.max_images_per_category=4")
-    log_path = tmp_path / "first.log"
-    with log_path.open("w") as log:
-        first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "r2", *slow)], env=env,
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            deadline = time.monotonic() + 150
-            while "reconstruct weave" not in log_path.read_text() and time.monotonic() < deadline:
-                assert first.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-            assert "reconstruct weave" in log_path.read_text(), log_path.read_text()
-            first.send_signal(signal.SIGKILL)
-            first.wait(timeout=30)
-        finally:
-            if first.poll() is None:
-                first.kill()
+    _kill_when(_benchmark_args(data, "--run-id", "r2", *slow), env, tmp_path / "first.log",
+               lambda out: "reconstruct weave" in out)
     scores = home / "results/r2/scores"
     assert not scores.exists() or not [p for p in scores.iterdir() if p.name.startswith("category=")]
     assert any(status == "RUNNING" for _, status, _ in _mlflow_runs(home, "r2"))
@@ -278,8 +287,7 @@ def test_kill_during_reconstruction_then_rerun(data: Path, home: Path, tmp_path:
     code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r2", *slow), env, timeout=400)
     assert code == 0, err
     assert not [r for r in _mlflow_runs(home, "r2") if r[1] == "RUNNING"]
-    leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
-    assert leftovers == []
+    assert _leftovers(home) == []
     assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
 
 
@@ -291,29 +299,15 @@ def test_kill_during_scoring_then_rerun(data: Path, home: Path, tmp_path: Path) 
     # Eq. 11 at 249 timesteps instead of 3, one image at a time: seconds of scoring to kill.
     slow = ("--set", f"diffusion.score_timesteps=[{','.join(str(t) for t in range(1, 250))}]",
             "--set", "score.batch_size=1", "--set", "reconstruct.enabled=false")
-    log_path = tmp_path / "first.log"
-    with log_path.open("w") as log:
-        first = subprocess.Popen([*DIFFAD, *_benchmark_args(data, "--run-id", "r3", *slow)], env=env,
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            deadline = time.monotonic() + 150
-            while "score weave" not in log_path.read_text() and time.monotonic() < deadline:
-                assert first.poll() is None, log_path.read_text()
-                time.sleep(0.1)
-            assert "score weave" in log_path.read_text(), log_path.read_text()
-            first.send_signal(signal.SIGKILL)
-            first.wait(timeout=30)
-        finally:
-            if first.poll() is None:
-                first.kill()
+    _kill_when(_benchmark_args(data, "--run-id", "r3", *slow), env, tmp_path / "first.log",
+               lambda out: "score weave" in out)
     scores = home / "results/r3/scores"
     assert not scores.exists() or not [p for p in scores.iterdir() if p.name.startswith("category=")]
 
     code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r3", *slow), env, timeout=400)
     assert code == 0, err
     assert not [r for r in _mlflow_runs(home, "r3") if r[1] == "RUNNING"]
-    leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
-    assert leftovers == []
+    assert _leftovers(home) == []
     assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
 
 
@@ -356,25 +350,13 @@ def test_kill_while_synthesizing_then_rerun(home: Path, tmp_path: Path) -> None:
     env = _env(home)
     args = ["benchmark", "--preset", "smoke", "--category", "weave", "--no-promote", "--run-id", "r6",
             "--set", "data.synth.n_train=300", "--set", "data.synth.size=96"]
-    log_path = tmp_path / "first.log"
-    with log_path.open("w") as log:
-        first = subprocess.Popen([*DIFFAD, *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            data_root = home / "data" / "synthetic"
-            deadline = time.monotonic() + 150
-            while not list(data_root.glob(".tmp-synth-weave-*/train")) and time.monotonic() < deadline:
-                assert first.poll() is None, log_path.read_text()
-                time.sleep(0.1)
-            first.send_signal(signal.SIGKILL)
-            first.wait(timeout=30)
-        finally:
-            if first.poll() is None:
-                first.kill()
-    assert list(data_root.glob(".tmp-synth-weave-*")), log_path.read_text()  # killed mid-write
+    data_root = home / "data" / "synthetic"
+    _kill_when(args, env, tmp_path / "first.log",
+               lambda _out: bool(list(data_root.glob(".tmp-synth-weave-*/train"))))
+    assert list(data_root.glob(".tmp-synth-weave-*"))  # killed mid-write
     assert not (data_root / "weave").exists()
 
     code, err, _seconds = _run(args, env, timeout=400)
     assert code == 0, err
-    leftovers = [p for p in home.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
-    assert leftovers == []
+    assert _leftovers(home) == []
     assert len(list((data_root / "weave" / "train" / "good").glob("*.png"))) == 300
