@@ -152,6 +152,16 @@ def scoring_fit(ev: EvaluationModel, category: str, *, progress: bool = True) ->
     return fit_scoring(ev.model, ev.cfg, category)
 
 
+def _alpha_of(cfg: DiffadConfig, fit: ScoringFit, alpha: float | None) -> tuple[float, str]:
+    """The alpha of Eq. 11 and where it came from: ``alpha`` when given, else the recorded
+    "Ours*" choice, else ``score.alpha``."""
+    if alpha is not None:
+        return float(alpha), "--alpha"
+    if fit.alpha_choice is not None:
+        return float(fit.alpha_choice.alpha), fit.alpha_choice.source
+    return float(cfg.score.alpha), "config"
+
+
 def reconstruct_category(ev: EvaluationModel, category: str, *, limit: int | None = None,
                          progress: bool = True) -> ReconstructionOutcome:
     """Algorithm 1 on the category's test images, anomalous first, at most ``limit``
@@ -190,12 +200,7 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
     require_verified(root, cfg.data.dataset, [category])
     fit = scoring_fit(ev, category, progress=progress)
     calibration, choice = fit.calibration, fit.alpha_choice
-    if alpha is not None:
-        source = "--alpha"
-    elif choice is not None:
-        alpha, source = choice.alpha, choice.source
-    else:
-        alpha, source = cfg.score.alpha, "config"
+    alpha, source = _alpha_of(cfg, fit, alpha)
     prepared = prepare_split(cfg, category, "test")
     recon = reconstructions.images if reconstructions is not None else {}
     start = time.perf_counter()
@@ -226,9 +231,8 @@ def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | b
         raise UseCaseError("no images to score")
     cfg = ev.cfg
     fit = scoring_fit(ev, category, progress=False)
-    if alpha is None:  # "Ours*" when the model recorded one, else score.alpha (as score_category)
-        alpha = fit.alpha_choice.alpha if fit.alpha_choice is not None else cfg.score.alpha
-    alpha, calibration = float(alpha), fit.calibration
+    alpha, _source = _alpha_of(cfg, fit, alpha)
+    calibration = fit.calibration
     size = int(cfg.data.image_size)
     arrays = []
     for i, source in enumerate(images):
