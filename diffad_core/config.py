@@ -121,6 +121,11 @@ class DataConfig(_Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     categories: list[str] | None = None  # None: every category found / the dataset's list
     image_size: int = 256
+    # Training sees random crops of this size from the image_size images, and the UNet is built
+    # for it; scoring and Algorithm 1 run the (convolutional) network on the whole image, so a
+    # thin defect keeps its pixels while a training step costs what a crop costs (ours, the
+    # ``cpu`` preset; docs/method.md "Crops"). None: whole images, as the official code.
+    train_crop: int | None = None
     rotation_degrees: float = 5.0
     # METHOD.md §1: the official code computes the rotation and discards it (False); True: ours.
     augment_rotation: bool = False
@@ -319,6 +324,9 @@ class AutoConfig(_Section):
     max_image_size: int = 128
     time_budget_minutes: float = 25.0
     train_share: float = 0.6  # of the budget spent training; the rest scores and reconstructs
+    # Train on crops of this size when the fitted image size is larger (data.train_crop); the
+    # network depth and the training length are then fitted to the crop. None: whole images.
+    train_crop: int | None = None
     fitted: bool = False  # set by fit_to_data: the values below are fitted, never refitted
 
 
@@ -350,7 +358,18 @@ class DiffadConfig(_Section):
             )
         if size % 4 != 0:
             raise ValueError(f"data.image_size={size} must be a multiple of 4 (feature head at 1/4)")
+        crop = self.data.train_crop
+        if crop is not None and not (4 <= crop <= size and crop % max(4, 2 ** (n_levels - 1)) == 0):
+            raise ValueError(
+                f"data.train_crop={crop} must be at most data.image_size={size} and a multiple of "
+                f"{max(4, 2 ** (n_levels - 1))} (4 and 2**(len(unet.channel_mult)-1))"
+            )
         return self
+
+    @property
+    def network_size(self) -> int:
+        """The input size the UNet is built and trained for: the crop, else the image size."""
+        return self.data.train_crop or self.data.image_size
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -9,11 +9,15 @@ models) and is applied once, right after the dataset is resolved:
   steps within the budget: a defect 1-3 px wide in a 256 px photograph stays half a pixel wide at
   128 px but blurs away at 64 px, while 128 px gets a quarter of the steps. The ``cpu`` preset's
   cap (64) was chosen on the synthetic family (bench/tune_cpu.txt);
-- **network depth:** one UNet level per halving down to 16 px (attention at 16 px), so the
-  receptive field covers the same share of the image at every size; the feature head reads H/4;
+- **training crop:** with ``auto.train_crop`` and a fitted size above it, training sees random
+  crops of that size (``data.train_crop``) and scoring the whole image, so the image size keeps
+  thin defects without making a training step dearer;
+- **network depth:** one UNet level per halving of the network's input (the crop, else the
+  image) down to 16 px (attention at 16 px); the feature head reads H/4;
 - **training length:** as many steps as fit ``auto.train_share`` of ``auto.time_budget_minutes``
-  for all categories on ``runtime.local_workers`` workers, from a cost per image measured on
-  this project's 2-core machine (``_SECONDS_PER_IMAGE_AT_64``), at least 150 and at most 1500;
+  for all categories on ``runtime.local_workers`` workers, from a cost per training image (crop)
+  measured on this project's 2-core machine (``_SECONDS_PER_IMAGE_AT_64``), at least 150 and at
+  most 1500;
 - **feature target:** EfficientNet-Lite0 at strides 4 and 8, compared on the H/4 grid.
 """
 
@@ -70,10 +74,11 @@ def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
         return cfg
     categories = cfg.categories()
     size = fitted_image_size(native_size(cfg, root, categories), cfg.auto.max_image_size)
-    mult = unet_levels(size)
-    steps = training_steps(cfg, size, len(categories))
+    crop = cfg.auto.train_crop if cfg.auto.train_crop and cfg.auto.train_crop < size else None
+    mult = unet_levels(crop or size)
+    steps = training_steps(cfg, crop or size, len(categories))
     update = {
-        "data": {"image_size": size},
+        "data": {"image_size": size, "train_crop": crop},
         "unet": {"channel_mult": mult, "attention_resolutions": [16]},
         "train": {"iterations": steps, "checkpoint_every": max(1, steps // 2)},
         "auto": {"fitted": True},

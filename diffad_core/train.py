@@ -222,7 +222,7 @@ def train_model(
     seed_everything(seed)
     splits, held_out = _training_splits(cfg, categories)
     dataset = TrainImages(splits, cfg.data.rotation_degrees, cfg.data.augment_rotation, class_index,
-                          seed=seed)
+                          seed=seed, crop=cfg.data.train_crop)
 
     # Networks: the UNet is initialised from the run seed, so its init is reproducible.
     feature_target = build_feature_target(cfg).to(device)

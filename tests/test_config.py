@@ -115,3 +115,12 @@ def test_cpu_presets_set_a_thread_count(preset):
     """Issue #10 item 9: torch's default thread count thrashes a shared CPU."""
     threads = load_config(preset).runtime.num_threads
     assert threads is not None and 1 <= threads * load_config(preset).runtime.local_workers <= 2
+
+
+def test_train_crop_must_fit_the_image_and_the_network():
+    cfg = load_config("smoke", overrides=["data.image_size=64", "data.train_crop=32"])
+    assert cfg.network_size == 32 and load_config("smoke").network_size == 32
+    with pytest.raises(ConfigError, match="data.train_crop=96"):
+        load_config("smoke", overrides=["data.image_size=64", "data.train_crop=96"])
+    with pytest.raises(ConfigError, match="data.train_crop=30"):
+        load_config("smoke", overrides=["data.image_size=64", "data.train_crop=30"])

@@ -42,6 +42,22 @@ def test_fit_to_a_folder(tmp_path: Path) -> None:
     assert fit_to_data(demo, root) is demo  # only when auto.enabled
 
 
+def test_fit_with_a_training_crop(tmp_path: Path) -> None:
+    """auto.train_crop: the image size keeps the images' detail, depth and training length are
+    those of the crop; images no larger than the crop train whole."""
+    root = generate_heldout(tmp_path / "d", size=128, n_train=3, n_test_good=1, n_test_per_defect=1,
+                            categories=["brick"])
+    cfg = load_config("cpu", overrides=[f"data.root={root}", "auto.max_image_size=256",
+                                        "auto.train_crop=64"])
+    fitted = fit_to_data(cfg, root)
+    assert fitted.data.image_size == 128 and fitted.data.train_crop == 64
+    assert fitted.network_size == 64 and fitted.unet.channel_mult == unet_levels(64)
+    assert fitted.train.iterations == training_steps(cfg, 64, 1)
+    small = load_config("cpu", overrides=[f"data.root={root}", "auto.max_image_size=64",
+                                          "auto.train_crop=64"])
+    assert fit_to_data(small, root).data.train_crop is None
+
+
 def test_no_training_images_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "d" / "empty" / "train" / "good").mkdir(parents=True)
     cfg = load_config("cpu", overrides=[f"data.root={tmp_path / 'd'}", "data.categories=[empty]"])

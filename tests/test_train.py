@@ -227,6 +227,28 @@ def test_unified_class_conditional_with_held_out_validation(home: Path, tmp_path
         train_model(_cfg(), ["weave", "bolt"], tmp_path / "bad", progress=False)
 
 
+def test_training_on_crops_scores_whole_images(home: Path, tmp_path: Path):
+    """data.train_crop: the UNet is built for (and trained on) 16 px crops of the 32 px images;
+    Eq. 11's maps and Algorithm 1 then run the same weights on the whole image."""
+    from diffad_core.data import prepare_split
+    from diffad_core.reconstruct import gradient_denoise
+    from diffad_core.score import component_maps
+
+    cfg = _cfg("data.train_crop=16", "train.iterations=2")
+    seen: list[tuple[int, ...]] = []
+    train_model(cfg, ["weave"], tmp_path / "crop", progress=False)
+    model = load_model(tmp_path / "crop", device="cpu")
+    assert model.unet.image_size == 16 and model.cfg.data.image_size == 32
+    model.unet.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
+    images = torch.from_numpy(prepare_split(model.cfg, "weave", "test").images[:2])
+    maps = component_maps(model, images, "weave", model.cfg.score, torch.Generator().manual_seed(0))
+    assert maps.kl.shape == maps.feature.shape == (2, 32, 32)
+    assert torch.isfinite(maps.kl).all() and torch.isfinite(maps.feature).all()
+    recon = gradient_denoise(model, images[:1], model.cfg.reconstruct, category="weave")
+    assert recon.shape == (1, 3, 32, 32)
+    assert seen and all(s == (32, 32) for s in seen)
+
+
 def test_training_fine_tunes_from_an_adm_checkpoint(home: Path, tmp_path: Path):
     """train.init_checkpoint: every tensor but the label embedding and the feature head is
     loaded from the file (OpenAI's layout), the report lands in the result and meta.json, and a

@@ -164,14 +164,17 @@ class TrainImages(torch.utils.data.Dataset):
 
     ``__getitem__`` returns (image (3, S, S) float32 in [-1, 1], class index). With ``augment``
     each access rotates the image by an angle uniform in +-``rotation_degrees`` (METHOD.md §1,
-    ours), reflection-padded. Angles come from a torch Generator (``generator``, else one seeded
-    with ``seed``); each DataLoader worker reseeds from its own worker seed, and
-    ``set_epoch(e)`` reseeds from (seed, e), so a run (and a resumed run) is reproducible.
+    ours), reflection-padded. With ``crop`` it then returns a random ``crop`` x ``crop`` window
+    of the image (``data.train_crop``). Angles and windows come from a torch Generator
+    (``generator``, else one seeded with ``seed``); each DataLoader worker reseeds from its own
+    worker seed, and ``set_epoch(e)`` reseeds from (seed, e), so a run (and a resumed run) is
+    reproducible.
     """
 
     def __init__(self, prepared_splits: list[PreparedSplit], rotation_degrees: float,
                  augment: bool, class_index: dict[str, int], *, seed: int = 0,
-                 generator: torch.Generator | None = None, padding: str = "reflection") -> None:
+                 generator: torch.Generator | None = None, padding: str = "reflection",
+                 crop: int | None = None) -> None:
         if not prepared_splits:
             raise ValueError("TrainImages needs at least one prepared split")
         missing = [p.category for p in prepared_splits if p.category not in class_index]
@@ -184,6 +187,10 @@ class TrainImages(torch.utils.data.Dataset):
         self.rotation_degrees = float(rotation_degrees)
         self.augment = bool(augment) and self.rotation_degrees > 0
         self.padding = padding
+        side = min(self.images.shape[-2:])
+        if crop is not None and not 1 <= crop <= side:
+            raise ValueError(f"crop={crop} must be between 1 and the image side {side}")
+        self.crop = crop
         self.seed = seed
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         self._worker_id: int | None = None
@@ -196,18 +203,23 @@ class TrainImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def _angle(self) -> float:
+    def _rng(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
         if info is not None and self._worker_id != info.id:
             self._worker_id = info.id
             self.generator.manual_seed(info.seed % (2**63))
-        u = torch.rand((), generator=self.generator).item()
-        return (2.0 * u - 1.0) * self.rotation_degrees
+        return self.generator
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         if self.augment:
-            image = rotate(image, self._angle(), self.padding)
+            u = torch.rand((), generator=self._rng()).item()
+            image = rotate(image, (2.0 * u - 1.0) * self.rotation_degrees, self.padding)
+        if self.crop is not None:
+            h, w = image.shape[-2:]
+            top = int(torch.randint(h - self.crop + 1, (), generator=self._rng()))
+            left = int(torch.randint(w - self.crop + 1, (), generator=self._rng()))
+            image = image[..., top:top + self.crop, left:left + self.crop].contiguous()
         return image, int(self.classes[index])
 
 

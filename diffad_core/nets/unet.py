@@ -387,8 +387,9 @@ class UNet(nn.Module):
 
 
 def build_unet(cfg: DiffadConfig, feature_channels: int) -> UNet:
-    """The UNet for a resolved config (RGB in, image size from ``cfg.data``)."""
-    return UNet(cfg.unet, cfg.data.image_size, in_channels=3, feature_channels=feature_channels)
+    """The UNet for a resolved config (RGB in, built for ``cfg.network_size``: the training crop,
+    else the image size)."""
+    return UNet(cfg.unet, cfg.network_size, in_channels=3, feature_channels=feature_channels)
 
 
 def model_summary(cfg: DiffadConfig) -> dict[str, Any]:
@@ -401,7 +402,7 @@ def model_summary(cfg: DiffadConfig) -> dict[str, Any]:
 
     per_layer = backbone_channels(cfg.features.weights.timm_name, cfg.features.out_indices)
     feature_channels = sum(per_layer)
-    size = cfg.data.image_size
+    size = cfg.network_size
     with torch.device("meta"):
         model = UNet(cfg.unet, size, in_channels=3, feature_channels=feature_channels)
     head = sum(p.numel() for p in model.feature_head.parameters())

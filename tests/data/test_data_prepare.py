@@ -100,6 +100,23 @@ def test_train_images_without_augment_is_identity() -> None:
         TrainImages([b], 5.0, True, {"a": 0})
 
 
+def test_train_images_crops_are_seeded_windows_of_the_image() -> None:
+    split = _split(2, size=16)
+    ds = TrainImages([split], 5.0, False, {"a": 0}, seed=3, crop=8)
+    whole = torch.from_numpy(split.images[1])
+    crops = [ds[1][0] for _ in range(20)]
+    assert all(c.shape == (3, 8, 8) for c in crops)
+    windows = {(t, l) for t in range(9) for l in range(9)
+               for c in crops if torch.equal(c, whole[:, t:t + 8, l:l + 8])}
+    assert len(windows) > 5  # random windows, each an exact slice of the image
+    again = TrainImages([split], 5.0, False, {"a": 0}, seed=3, crop=8)
+    assert all(torch.equal(again[1][0], c) for c in crops[:5])  # the seed decides them
+    rotated = TrainImages([split], 5.0, True, {"a": 0}, seed=3, crop=8)
+    assert rotated[0][0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="crop=17"):
+        TrainImages([split], 5.0, False, {"a": 0}, crop=17)
+
+
 def test_train_images_rotation_is_seeded_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     split = _split(2, size=16)
     def draws(seed: int) -> list[torch.Tensor]:
