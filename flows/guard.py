@@ -16,8 +16,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,14 +33,10 @@ def preflight(timeout: float = 5.0) -> None:
     require_home()
     tracking.check_store(timeout)
     api = os.environ.get("PREFECT_API_URL")
-    if api:
-        try:
-            with urllib.request.urlopen(api.rstrip("/") + "/health", timeout=timeout):
-                pass
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError(f"Prefect API {api} is unreachable ({reason}); check PREFECT_API_URL "
-                              "or unset it to use a temporary server") from None
+    problem = tracking.health_problem(api, timeout) if api else None
+    if problem is not None:
+        raise ConfigError(f"Prefect API {api} {problem}; check PREFECT_API_URL or unset it to use "
+                          "a temporary server")
 
 
 def run_lock_path(run_id: str) -> Path:

@@ -63,6 +63,20 @@ def local_store_file(uri: str | None = None) -> Path | None:
     return None if not db or db == ":memory:" else Path(db).expanduser().resolve()
 
 
+def health_problem(base_url: str, timeout: float) -> str | None:
+    """Why ``<base_url>/health`` does not answer HTTP 200 within ``timeout`` seconds (the
+    unreachable reason or the status), or None when it does. MLflow's and Prefect's servers
+    both serve it."""
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/health", timeout=timeout) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"unreachable ({getattr(exc, 'reason', exc)})"
+    return None if status == 200 else f"answered HTTP {status} on /health"
+
+
 def check_store(timeout: float = 5.0) -> str:
     """The tracking URI, once it is known to work: a server must answer ``/health`` within
     ``timeout`` seconds, a local store's folder (and database) must be writable. Otherwise a
@@ -70,17 +84,9 @@ def check_store(timeout: float = 5.0) -> str:
     uri = tracking_uri()
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({reason}); "
-                              "check MLFLOW_TRACKING_URI") from None
-        if status != 200:
-            raise ConfigError(f"MLflow tracking server {uri} answered HTTP {status} on /health")
+        problem = health_problem(uri, timeout)
+        if problem is not None:
+            raise ConfigError(f"MLflow tracking server {uri} {problem}; check MLFLOW_TRACKING_URI")
         return uri
     db = local_store_file(uri)
     folder = db.parent if db is not None else local_artifact_root(uri)

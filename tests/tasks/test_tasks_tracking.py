@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,29 @@ def test_env_uri_wins_and_artifacts_go_beside_the_db(home: Path, tmp_path: Path,
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/other/ml.db"
     assert tracking.local_artifact_root() == (tmp_path / "other" / "mlartifacts").resolve()
     assert tracking.local_artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_health_probe_of_a_real_server() -> None:
+    """One /health probe for MLflow's and Prefect's servers: 200 is healthy; another status or
+    no server is a reason the preflight puts in its one-line error."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/ok/health" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert tracking.health_problem(base + "/ok/", 5.0) is None
+        assert tracking.health_problem(base + "/down", 5.0) == "answered HTTP 503 on /health"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert tracking.health_problem(base, 5.0).startswith("unreachable (")
 
 
 def test_flatten_config_cuts_long_values() -> None:
