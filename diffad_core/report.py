@@ -320,8 +320,8 @@ def _figure_row(row: Mapping[str, Any], reason: str | None, has_recon: bool, lo:
     return strip
 
 
-def _category_figure(run_dir: Path, category: str, n_images: int, n_weakest: int,
-                     data_root: Path | None, out_path: Path) -> tuple[Path, pd.DataFrame] | None:
+def category_figure(run_dir: Path, category: str, out_path: Path, *, n_images: int = 3,
+                    n_weakest: int = 3, data_root: Path | None = None) -> tuple[Path, pd.DataFrame] | None:
     """Rows of (input, ground truth, anomaly-map overlay, reconstruction): first ``n_images``
     images (anomalous ones first, reconstructed ones first, one defect type after another), then
     the category's ``n_weakest`` weakest images (``results.weakest_images``) not shown yet. The
@@ -458,8 +458,9 @@ def build_report(
     weakest: dict[str, tuple[list[str], list[list[str]]]] = {}
     for cat in df["category"]:
         if cat != R.MEAN_ROW and cat in present:
-            made = _category_figure(run_dir, cat, figures_per_category, weakest_per_category, root,
-                                    out_dir / "figures" / f"{cat}.png")
+            made = category_figure(run_dir, cat, out_dir / "figures" / f"{cat}.png",
+                                   n_images=figures_per_category, n_weakest=weakest_per_category,
+                                   data_root=root)
             if made is not None:
                 figures[cat] = made[0]
                 weakest[cat] = _weakest_table(made[1])

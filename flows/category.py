@@ -82,7 +82,7 @@ def train_category(
         metrics = p.category_metrics(cfg, run_id, category,
                                      {**timings.model_dump(), "model_version": model_version,
                                       "alpha": scored.alpha})
-        ml.log_category(child, run_id, category, metrics, scored)
+        ml.log_category(child, run_id, category, metrics, scored, cfg.data.resolved_root())
         outcome = CategoryOutcome(
             category=category, status="done", metrics=metrics, timings=timings,
             checkpoint_dir=train.checkpoint_dir, train_key=train.train_key,

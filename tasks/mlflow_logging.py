@@ -11,15 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from prefect import task
 
-from diffad_core import results
 from diffad_core.config import DiffadConfig, diffad_home
-from diffad_core.overlay import overlay, save_png, side_by_side
 from diffad_core.provenance import provenance_tags as flat_tags
 from diffad_core.provenance import run_provenance
+from diffad_core.report import category_figure
 from diffad_core.usecases import ScoreOutcome
 from tasks import caching, tracking
 from tasks.records import CategoryMetrics, TrainedModel, WeightsInfo
@@ -84,9 +81,10 @@ def log_training(mlflow_run_id: str, train: TrainedModel, cached: bool) -> None:
 
 @task(name="mlflow-log-category", **caching.TRANSIENT_ONLY)
 def log_category(mlflow_run_id: str, run_id: str, category: str, metrics: CategoryMetrics,
-                 scored: ScoreOutcome) -> None:
-    """The three metrics and timings, how alpha was chosen, the map calibration, and heat-map /
-    reconstruction figures as artifacts."""
+                 scored: ScoreOutcome, data_root: Path | None = None) -> None:
+    """The three metrics and timings, how alpha was chosen, the map calibration, and the
+    category's figure as an artifact (input images read from ``data_root`` where the run's
+    partition has none)."""
     values = metrics.model_dump()
     tracking.log_metrics(mlflow_run_id, {k: values.get(k) for k in _LOGGED
                                          if isinstance(values.get(k), (int, float))})
@@ -95,26 +93,13 @@ def log_category(mlflow_run_id: str, run_id: str, category: str, metrics: Catego
         tracking.log_dict(mlflow_run_id, scored.alpha_choice.to_dict(), "alpha_choice.json")
     if scored.calibration is not None:
         tracking.log_dict(mlflow_run_id, scored.calibration.to_dict(), "map_calibration.json")
-    for fig in _category_figures(run_id, category, diffad_home().resolve() / "figures" / run_id):
-        tracking.log_artifacts(mlflow_run_id, fig, "figures")
-
-
-def _category_figures(run_id: str, category: str, out_dir: Path, limit: int = 4) -> list[Path]:
-    """Input | anomaly heat-map overlay | reconstruction, for the images that were reconstructed."""
-    out: list[Path] = []
-    for row in results.iter_maps(run_dir(run_id), [category],
-                                 maps=("anomaly_map", "input_image", "reconstruction")):
-        image = row.get("input_image")
-        if image is None:
-            continue
-        panels = [image, overlay(image.astype(np.float32) / 127.5 - 1.0, row["anomaly_map"])]
-        if row.get("reconstruction") is not None:
-            panels.append(row["reconstruction"])
-        name = f"{category}__" + row["rel_path"].replace("/", "__").rsplit(".", 1)[0] + ".png"
-        out.append(save_png(side_by_side(panels), out_dir / name))
-        if len(out) >= limit:
-            break
-    return out
+    # The report's figure of the category (report.category_figure): a few images, then its
+    # weakest ones, each as input | ground truth | map overlay | reconstruction.
+    made = category_figure(run_dir(run_id), category,
+                           diffad_home().resolve() / "figures" / run_id / f"{category}.png",
+                           data_root=data_root)
+    if made is not None:
+        tracking.log_artifacts(mlflow_run_id, made[0], "figures")
 
 
 @task(name="mlflow-log-run-metrics", **caching.TRANSIENT_ONLY)

@@ -148,6 +148,9 @@ def test_mlflow_runs_and_registry(env: dict[str, Path], first_run: Any) -> None:
     assert len(client.get_metric_history(weave.info.run_id, "train_loss")) == 2
     assert weave.data.params["train.iterations"] == "2"
     assert "weave.pro" in parent.data.metrics
+    # The category's figure is the report's (a few images, then the weakest ones).
+    figures = client.list_artifacts(weave.info.run_id, "figures")
+    assert [a.path for a in figures] == ["figures/weave.png"] and figures[0].file_size > 0
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.md" in arts
 
