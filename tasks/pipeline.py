@@ -183,7 +183,9 @@ def register_task(cfg: DiffadConfig, mlflow_run_id: str, checkpoint: str, label:
     version = registry.register_checkpoint(mlflow_run_id, Path(checkpoint), name, compared, tags=tags)
     decision = registry.promote(name, version, cfg.registry.tolerance, apply=cfg.registry.promote)
     if decision.decision == registry.NOT_COMPARED:
-        get_run_logger().warning("%s version %s: %s", name, version, decision.reason)
+        get_run_logger().warning("%s version %s: %s (`diffad registry promote %s %s --reason ...` "
+                                 "makes it champion by hand)", name, version, decision.reason,
+                                 name, version)
     tracking.set_tags(mlflow_run_id, {"registered_model": name, "model_version": version,
                                       "promotion_decision": decision.decision})
     return RegistryOutcome(name=name, version=version, registered=True, promoted=decision.promoted,

@@ -26,7 +26,7 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 
 from diffad_core._atomic import replace_dir
-from diffad_core.config import DiffadConfig, diffad_home
+from diffad_core.config import ConfigError, DiffadConfig, diffad_home
 from tasks import pyfunc_model, tracking
 
 CHECKPOINT_FILES = tuple(pyfunc_model.CHECKPOINT_ARTIFACTS.values())
@@ -36,6 +36,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 TEST_MANIFEST_TAG = "test_manifest_hash"
 PROMOTED, KEPT, NOT_COMPARED = "promoted", "kept_challenger", "not_compared"
+PROMOTED_BY_HAND = "promoted_by_hand"
 
 
 def dataset_id(cfg: DiffadConfig) -> str:
@@ -63,7 +64,7 @@ class PromotionDecision:
     promoted: bool
     reason: str
     champion_version: str | None  # the champion before the decision
-    decision: str  # PROMOTED | KEPT | NOT_COMPARED
+    decision: str  # PROMOTED | KEPT | NOT_COMPARED | PROMOTED_BY_HAND
 
 
 def decide(challenger: dict[str, float], champion: dict[str, float] | None,
@@ -191,6 +192,26 @@ def promote(name: str, version: str, tolerance: float, apply: bool = True) -> Pr
     return PromotionDecision(name=name, version=str(version), promoted=ok and apply, reason=reason,
                              champion_version=None if champ is None else str(champ.version),
                              decision=decision)
+
+
+def promote_by_hand(name: str, version: str, reason: str) -> PromotionDecision:
+    """Make ``version`` the champion without a comparison (``diffad registry promote``): the way
+    out when the champion cannot be compared with anything (no test manifest tag, or another
+    test set). The decision and ``reason`` are recorded as the version's tags."""
+    client = tracking.get_client()
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise ConfigError(f"registry: no version {version} of model {name!r} at "
+                          f"{tracking.tracking_uri()}") from None
+    champ = _alias_version(name, CHAMPION)
+    reason = f"promoted by hand: {reason}"
+    client.set_model_version_tag(name, version, "promotion_decision", PROMOTED_BY_HAND)
+    client.set_model_version_tag(name, version, "promotion_reason", reason[:5000])
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return PromotionDecision(name=name, version=str(version), promoted=True, reason=reason,
+                             champion_version=None if champ is None else str(champ.version),
+                             decision=PROMOTED_BY_HAND)
 
 
 def compare(dataset: str, categories: list[str] | None = None) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The pipeline commands (``benchmark``, ``rerun``, ``registry compare``): resolve the config here,
+"""The pipeline commands (``benchmark``, ``rerun``, ``registry compare|promote``): resolve the config here,
 then run the Prefect flows, which (with ``tasks`` and MLflow) are imported inside the handlers."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from diffad_core.config import DATASET_KINDS, DiffadConfig
 
 
 def register(subparsers: Any) -> None:
-    """Add ``benchmark``, ``rerun`` and ``registry compare``."""
+    """Add ``benchmark``, ``rerun``, ``registry compare`` and ``registry promote``."""
     p = subparsers.add_parser(
         "benchmark", help="run the full benchmark flow (train, score, evaluate, report, registry)",
         description="Run the full-benchmark Prefect flow. With the default local executor no "
@@ -58,6 +58,13 @@ def register(subparsers: Any) -> None:
     add_category_argument(p, "only this category (default: all registered)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     command(p, _registry_compare)
+    p = reg_sub.add_parser("promote", help="make a version the champion without a comparison "
+                                           "(when the champion cannot be compared: another or "
+                                           "unknown test set)")
+    p.add_argument("model", help="registered model name, e.g. diffad-synthetic-weave")
+    p.add_argument("version", help="the version to make champion")
+    p.add_argument("--reason", required=True, help="recorded on the version (promotion_reason)")
+    command(p, _registry_promote)
 
 
 # ----------------------------------------------------------------------------- environment
@@ -267,4 +274,14 @@ def _registry_compare(args: argparse.Namespace) -> int:
               f"{tracking.tracking_uri()}")
         return 1
     print(registry.format_comparison(rows))
+    return 0
+
+
+def _registry_promote(args: argparse.Namespace) -> int:
+    from tasks import registry
+
+    decision = registry.promote_by_hand(args.model, args.version, args.reason)
+    was = "no champion before" if decision.champion_version is None else \
+        f"champion was version {decision.champion_version}"
+    print(f"{decision.name}: version {decision.version} is champion ({was}); {decision.reason}")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from diffad_core.cli import main
 from diffad_core.config import load_config
 from diffad_core.data import resolve_dataset
 from tasks import pipeline, registry, tracking  # pipeline (Prefect) first: it sets up logging
@@ -178,6 +179,38 @@ def test_versions_registered_before_stay_readable(home: Path, tmp_path: Path) ->
     assert row["challenger_version"] == "2" and row["decision"] == "not_compared"
 
 
+def test_promote_by_hand_replaces_a_champion_that_cannot_be_compared(
+        home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An old champion with no test manifest tag is never replaced by the automatic rule;
+    ``diffad registry promote`` replaces it, records why, and the next version is compared with
+    the new champion as usual. A version that does not exist is a one-line error."""
+    cfg = load_config("smoke")
+    name = registry.model_name(cfg, "weave")
+    versions = []
+    for i, tags in enumerate([{}, SAME_TEST_SET, SAME_TEST_SET]):
+        run = tracking.start_run(cfg, f"weave-{i}", {})
+        versions.append(registry.register_checkpoint(run, make_checkpoint(tmp_path / f"c{i}"), name,
+                                                     {"pro": 0.5 + i / 10, "pixel_auroc": 0.8},
+                                                     tags=tags))
+        if i < 2:
+            registry.promote(name, versions[-1], tolerance=0.005)
+    client = tracking.get_client()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"  # not compared
+
+    assert main(["registry", "promote", name, "2", "--reason", "old champion has no test set"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{name}: version 2 is champion (champion was version 1)")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion_decision"] == "promoted_by_hand"
+    assert tags["promotion_reason"] == "promoted by hand: old champion has no test set"
+    assert registry.promote(name, versions[2], tolerance=0.005).decision == "promoted"  # compared
+
+    assert main(["registry", "promote", name, "9", "--reason", "x"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no version 9 of model '{name}' at "
+                                                    f"{tracking.tracking_uri()}")
+
+
 def test_test_set_hash_follows_test_images_and_masks_only(home: Path) -> None:
     """The manifest a version's metrics were measured on: its category's test images and masks
     (a changed training image keeps it, a changed test image or mask changes it)."""
@@ -226,6 +259,7 @@ def test_register_task_compares_only_on_the_same_test_set(
         third = register(2, 0.9)
     assert not third.promoted and "another test set" in third.reason
     assert "not compared with champion version 2" in caplog.text
+    assert "diffad registry promote diffad-synthetic-weave 3 --reason" in caplog.text
     client = tracking.get_client()
     tags = [client.get_model_version("diffad-synthetic-weave", v).tags for v in ("1", "2", "3")]
     assert tags[0][registry.TEST_MANIFEST_TAG] == tags[1][registry.TEST_MANIFEST_TAG]
