@@ -41,6 +41,10 @@ EXTRA = [x for x in os.environ.get("TUNE_EXTRA", "").split(";") if x]
 TRAININGS = {"cap64": ["auto.max_image_size=64"],
              "cap128-crop64": ["auto.max_image_size=128", "auto.train_crop=64"],
              "cap256-crop64": ["auto.max_image_size=256", "auto.train_crop=64"]}
+# A subset of TRAININGS to run (bench/tune_cpu_length_rule.md runs cap64 alone); empty: all.
+ONLY = [x for x in os.environ.get("TUNE_TRAININGS", "").split(",") if x]
+if ONLY:
+    TRAININGS = {name: TRAININGS[name] for name in ONLY}
 # Scoring settings tried on every trained model: (calibrate, Ours*, image-score blur sigma).
 SCORINGS = {
     "raw": (False, False, 0.0),

@@ -29,9 +29,11 @@ from diffad_core.config import DiffadConfig
 from diffad_core.data.io import image_size
 from diffad_core.data.layouts import list_samples
 
-# One training step per image at 64 px with the cpu UNet (base 32), one thread: 500 steps of 4
-# images took 226 s per category with two categories side by side (bench/cpu_demo_benchmark.txt).
-_SECONDS_PER_IMAGE_AT_64 = 0.113
+# One training step per image at 64 px with the cpu UNet (base 32), one thread, two categories
+# side by side: 995 steps of 4 images took 312-337 s per category after issue #11's speed work
+# (bench/heldout_seed1_benchmark.txt; the 0.113 s measured before it was stale;
+# bench/tune_cpu_length_rule.md).
+_SECONDS_PER_IMAGE_AT_64 = 0.082
 _MIN_STEPS, _MAX_STEPS = 150, 1500
 _SIZES_CHECKED = 8  # train images per category whose header is read
 
