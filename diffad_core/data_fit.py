@@ -8,7 +8,8 @@ models) and is applied once, right after the dataset is resolved:
   ``auto.max_image_size``, rounded down to a multiple of 16. The cap trades detail for training
   steps within the budget: a defect 1-3 px wide in a 256 px photograph stays half a pixel wide at
   128 px but blurs away at 64 px, while 128 px gets a quarter of the steps. The ``cpu`` preset's
-  cap (64) was chosen on the synthetic family (bench/tune_cpu.txt);
+  cap (64) was chosen on the synthetic family (bench/tune_cpu.txt), and kept over 128 and
+  256 px images trained on 64 px crops (bench/tune_cpu_crop.txt);
 - **training crop:** with ``auto.train_crop`` and a fitted size above it, training sees random
   crops of that size (``data.train_crop``) and scoring the whole image, so the image size keeps
   thin defects without making a training step dearer;

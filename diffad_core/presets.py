@@ -65,7 +65,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "data": {"dataset": "folder", "augment_rotation": True},
         # 64 px beat 128 px on the tuning family (mean of the three metrics 0.905 vs 0.760):
-        # within the budget 128 px trains only ~250 steps (bench/tune_cpu.txt).
+        # within the budget 128 px trains only ~250 steps (bench/tune_cpu.txt); it also beat
+        # 128 / 256 px images trained on 64 px crops (0.855 / 0.808, bench/tune_cpu_crop.txt).
         "auto": {"enabled": True, "max_image_size": 64},
         "unet": {"base_channels": 32, "num_res_blocks": 1, "num_head_channels": 32,
                  "class_cond": False, **_REFINED_UNET},
