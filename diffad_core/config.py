@@ -123,8 +123,9 @@ class DataConfig(_Section):
     image_size: int = 256
     # Training sees random crops of this size from the image_size images, and the UNet is built
     # for it; scoring and Algorithm 1 run the (convolutional) network on the whole image, so a
-    # thin defect keeps its pixels while a training step costs what a crop costs (ours, the
-    # ``cpu`` preset; docs/method.md "Crops"). None: whole images, as the official code.
+    # thin defect keeps its pixels while a training step costs what a crop costs (ours;
+    # docs/method.md "Crops"; not in the ``cpu`` preset: bench/tune_cpu_crop.txt). None: whole
+    # images, as the official code.
     train_crop: int | None = None
     rotation_degrees: float = 5.0
     # METHOD.md §1: the official code computes the rotation and discards it (False); True: ours.
