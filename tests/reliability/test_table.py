@@ -226,6 +226,24 @@ def _kill_when(args: list[str], env: dict[str, str], log_path: Path, ready: Call
                 proc.kill()
 
 
+def _kill_in_stage_then_rerun(data: Path, home: Path, tmp_path: Path, run_id: str,
+                              sets: tuple[str, ...], stage: str) -> None:
+    """kill -9 the benchmark once its log shows ``stage``; then no score partition exists and
+    the run's MLflow runs are left RUNNING. The rerun completes: no run left RUNNING, no
+    temporaries, the category's partition written."""
+    args, env = _benchmark_args(data, "--run-id", run_id, *sets), _env(home)
+    _kill_when(args, env, tmp_path / "first.log", lambda out: stage in out)
+    scores = home / "results" / run_id / "scores"
+    assert not scores.exists() or not [p for p in scores.iterdir() if p.name.startswith("category=")]
+    assert any(status == "RUNNING" for _, status, _ in _mlflow_runs(home, run_id))
+
+    code, err, _seconds = _run(args, env, timeout=400)
+    assert code == 0, err
+    assert not [r for r in _mlflow_runs(home, run_id) if r[1] == "RUNNING"]
+    assert _leftovers(home) == []
+    assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
+
+
 @pytest.mark.slow
 def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path) -> None:
     env = _env(home)
@@ -276,39 +294,18 @@ def test_kill_during_training_then_rerun(data: Path, home: Path, tmp_path: Path)
 def test_kill_during_reconstruction_then_rerun(data: Path, home: Path, tmp_path: Path) -> None:
     """kill -9 after training, while Algorithm 1 runs: nothing of the category's results is
     half-written, and the rerun restores the trained model and completes."""
-    env = _env(home)
     slow = ("--set", "reconstruct.rounds=400", "--set", "reconstruct.max_images_per_category=4")
-    _kill_when(_benchmark_args(data, "--run-id", "r2", *slow), env, tmp_path / "first.log",
-               lambda out: "reconstruct weave" in out)
-    scores = home / "results/r2/scores"
-    assert not scores.exists() or not [p for p in scores.iterdir() if p.name.startswith("category=")]
-    assert any(status == "RUNNING" for _, status, _ in _mlflow_runs(home, "r2"))
-
-    code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r2", *slow), env, timeout=400)
-    assert code == 0, err
-    assert not [r for r in _mlflow_runs(home, "r2") if r[1] == "RUNNING"]
-    assert _leftovers(home) == []
-    assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
+    _kill_in_stage_then_rerun(data, home, tmp_path, "r2", slow, "reconstruct weave")
 
 
 @pytest.mark.slow
 def test_kill_during_scoring_then_rerun(data: Path, home: Path, tmp_path: Path) -> None:
     """kill -9 while Eq. 11 scores the test split: no partition of the category is left (the
     partition is written whole or not at all), and the rerun completes."""
-    env = _env(home)
     # Eq. 11 at 249 timesteps instead of 3, one image at a time: seconds of scoring to kill.
     slow = ("--set", f"diffusion.score_timesteps=[{','.join(str(t) for t in range(1, 250))}]",
             "--set", "score.batch_size=1", "--set", "reconstruct.enabled=false")
-    _kill_when(_benchmark_args(data, "--run-id", "r3", *slow), env, tmp_path / "first.log",
-               lambda out: "score weave" in out)
-    scores = home / "results/r3/scores"
-    assert not scores.exists() or not [p for p in scores.iterdir() if p.name.startswith("category=")]
-
-    code, err, _seconds = _run(_benchmark_args(data, "--run-id", "r3", *slow), env, timeout=400)
-    assert code == 0, err
-    assert not [r for r in _mlflow_runs(home, "r3") if r[1] == "RUNNING"]
-    assert _leftovers(home) == []
-    assert sorted(p.name for p in scores.iterdir()) == ["category=weave"]
+    _kill_in_stage_then_rerun(data, home, tmp_path, "r3", slow, "score weave")
 
 
 @pytest.mark.slow
