@@ -205,22 +205,12 @@ def generate_dataset(root: Path, cfg: SynthConfig, *, progress: bool = False) ->
         remove_stale_temporaries(root)  # staging folders of a generator killed mid-write
         todo = [c for c in cfg.categories if not _is_complete(root / c, _marker(c, cfg))]
         total = sum(len(_jobs(c, cfg)) for c in todo)
-        bar = None
-        if progress and total:
-            bar = progress_bar(total=total, desc="synthesizing", unit="img")
-        try:
+        with progress_bar(total=total, desc="synthesizing", unit="img",
+                          enabled=bool(progress and total)) as bar:
             for category in todo:
-                if bar is not None:
-                    bar.set_postfix_str(category)
-                _generate_category(root, category, cfg, bar.update if bar is not None else _noop)
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.set_postfix_str(category)
+                _generate_category(root, category, cfg, bar.update)
     return root
-
-
-def _noop(*_args: Any) -> None:
-    return None
 
 
 def _generate_category(root: Path, category: str, cfg: SynthConfig,
