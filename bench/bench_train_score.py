@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     n_recon = sum(1 for _ in reconstruct_split(model, prepared, ev.cfg.reconstruct,
-                                               limit=args.recon_images, seed=0))
+                                               limit=args.recon_images, seed=0, progress=False))
     sync()
     recon_s = time.perf_counter() - start
     recon_peak = peak_gib()

@@ -18,6 +18,7 @@ from diffad_core.config import ReconstructConfig
 from diffad_core.data import PreparedSplit
 from diffad_core.diffusion import model_timesteps, reverse_step
 from diffad_core.model import DiffadModel
+from diffad_core.progress import progress_bar
 from diffad_core.runtime import autocast_context, in_chunks, micro_batch
 
 
@@ -101,7 +102,7 @@ def reconstruction_order(labels: Sequence[int], defect_types: Sequence[str]) -> 
 
 def reconstruct_split(
     model: DiffadModel, prepared: PreparedSplit, settings: ReconstructConfig, *,
-    limit: int | None = None, seed: int = 0,
+    limit: int | None = None, seed: int = 0, progress: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Algorithm 1 over a prepared split, in :func:`reconstruction_order`, at most ``limit``
     images, ``settings.batch_size`` at a time; yields (index into the split,
@@ -111,8 +112,11 @@ def reconstruct_split(
         order = order[: max(0, int(limit))]
     generator = torch.Generator().manual_seed(int(seed))
     bs = max(1, int(settings.batch_size))
-    for lo in range(0, len(order), bs):
-        idx = order[lo : lo + bs]
-        batch = torch.from_numpy(np.ascontiguousarray(prepared.images[idx]))
-        recon = gradient_denoise(model, batch, settings, generator, category=prepared.category)
-        yield from zip(idx, recon.cpu())
+    with progress_bar(total=len(order), desc=f"reconstruct {prepared.category}", unit="img",
+                      enabled=progress) as bar:
+        for lo in range(0, len(order), bs):
+            idx = order[lo : lo + bs]
+            batch = torch.from_numpy(np.ascontiguousarray(prepared.images[idx]))
+            recon = gradient_denoise(model, batch, settings, generator, category=prepared.category)
+            yield from zip(idx, recon.cpu())
+            bar.update(len(idx))

@@ -24,7 +24,6 @@ from diffad_core.locks import file_lock
 from diffad_core.model import DiffadModel, checkpoint_dir, load_model
 from diffad_core.nets.adm_init import prepare_init_checkpoint
 from diffad_core.overlay import to_uint8_image
-from diffad_core.progress import progress_bar
 from diffad_core.reconstruct import reconstruct_split
 from diffad_core.runtime import prepare_for_inference, set_threads
 from diffad_core.score import MapCalibration, score_batch, score_split
@@ -173,13 +172,11 @@ def reconstruct_category(ev: EvaluationModel, category: str, *, limit: int | Non
     prepared = prepare_split(cfg, category, "test")
     limit = cfg.reconstruct.max_images_per_category if limit is None else limit
     images: dict[str, Reconstruction] = {}
-    n = len(prepared.labels) if limit is None else min(len(prepared.labels), max(0, int(limit)))
     start = time.perf_counter()
-    with progress_bar(total=n, desc=f"reconstruct {category}", unit="img", enabled=progress) as bar:
-        for i, recon in reconstruct_split(ev.model, prepared, cfg.reconstruct, limit=limit, seed=cfg.seed):
-            images[prepared.rel_paths[i]] = Reconstruction(
-                input_image=to_uint8_image(prepared.images[i]), reconstruction=to_uint8_image(recon.numpy()))
-            bar.update(1)
+    for i, recon in reconstruct_split(ev.model, prepared, cfg.reconstruct, limit=limit, seed=cfg.seed,
+                                      progress=progress):
+        images[prepared.rel_paths[i]] = Reconstruction(
+            input_image=to_uint8_image(prepared.images[i]), reconstruction=to_uint8_image(recon.numpy()))
     seconds = time.perf_counter() - start
     return ReconstructionOutcome(images=images,
                                  ms_per_image=1000.0 * seconds / len(images) if images else None)
