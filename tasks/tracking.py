@@ -73,7 +73,7 @@ def health_problem(base_url: str, timeout: float) -> str | None:
     except urllib.error.HTTPError as exc:
         status = exc.code
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"unreachable ({getattr(exc, 'reason', exc)})"
+        return f"is unreachable ({getattr(exc, 'reason', exc)})"
     return None if status == 200 else f"answered HTTP {status} on /health"
 
 

@@ -46,7 +46,7 @@ def test_health_probe_of_a_real_server() -> None:
     finally:
         server.shutdown()
         server.server_close()
-    assert tracking.health_problem(base, 5.0).startswith("unreachable (")
+    assert tracking.health_problem(base, 5.0).startswith("is unreachable (")
 
 
 def test_flatten_config_cuts_long_values() -> None:
