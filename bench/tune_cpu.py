@@ -11,7 +11,9 @@ category), read as a user's ``--dataset folder``; never the benchmark's seed-0 d
 the held-out photographic family. Candidates: the image-size cap (64 or 128 px, each with the
 training length the time budget gives it: two trainings per category), and on each trained
 model the scoring settings (map calibration on/off, alpha 0.5 or "Ours*", image-score blur).
-Two categories train at once, one thread each (2 cores). Output: bench/tune_cpu.txt.
+Two categories train at once, one thread each (2 cores). Output: bench/tune_cpu.txt. Later
+rounds (crops, training length, the feature target's size) have their own rule files and outputs
+(TUNE_TRAININGS, TUNE_OUT; each rule file gives its command).
 
     .venv/bin/python bench/tune_cpu.py
 """
@@ -36,16 +38,20 @@ DATA = HOME / "synth-seed1"
 CATEGORIES = os.environ.get("TUNE_CATEGORIES", "weave,gravel,washer,bolt").split(",")
 # Extra --set overrides for a quick check of this script (e.g. a tiny training); empty for the run.
 EXTRA = [x for x in os.environ.get("TUNE_EXTRA", "").split(";") if x]
-# Round two (bench/tune_cpu_crop_rule.md); round one (bench/tune_cpu_rule.md, tune_cpu.txt) had
-# "cap64" and "cap128" (128 px whole images).
+# Round two (bench/tune_cpu_crop_rule.md) and three (bench/tune_cpu_features_rule.md: the
+# feature target at a larger size); round one (bench/tune_cpu_rule.md, tune_cpu.txt) had "cap64"
+# and "cap128" (128 px whole images).
 TRAININGS = {"cap64": ["auto.max_image_size=64"],
              "cap128-crop64": ["auto.max_image_size=128", "auto.train_crop=64"],
-             "cap256-crop64": ["auto.max_image_size=256", "auto.train_crop=64"]}
+             "cap256-crop64": ["auto.max_image_size=256", "auto.train_crop=64"],
+             "feat128": ["auto.max_image_size=64", "auto.max_feature_size=128"],
+             "feat256": ["auto.max_image_size=64", "auto.max_feature_size=256"]}
 # A subset of TRAININGS to run (bench/tune_cpu_length_rule.md runs cap64 alone); empty: all.
 ONLY = [x for x in os.environ.get("TUNE_TRAININGS", "").split(",") if x]
 if ONLY:
     TRAININGS = {name: TRAININGS[name] for name in ONLY}
 # Scoring settings tried on every trained model: (calibrate, Ours*, image-score blur sigma).
+# "Ours*" is not defined with a larger feature target (it paints defects at the image size).
 SCORINGS = {
     "raw": (False, False, 0.0),
     "calibrated": (True, False, 0.0),
@@ -62,8 +68,13 @@ def _run(args: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def _larger_target(name: str) -> bool:
+    return any(s.startswith("auto.max_feature_size=") for s in TRAININGS[name])
+
+
 def _sets(name: str) -> list[str]:
-    sets = [f"data.root={DATA}", "score.alpha_per_category=true", *TRAININGS[name], *EXTRA]
+    ours = [] if _larger_target(name) else ["score.alpha_per_category=true"]
+    sets = [f"data.root={DATA}", *ours, *TRAININGS[name], *EXTRA]
     return [x for s in sets for x in ("--set", s)]
 
 
@@ -95,6 +106,8 @@ def _evaluate(job: tuple[str, str]) -> list[dict]:
     rows = []
     start = time.perf_counter()
     for scoring, (calibrated, ours, sigma) in SCORINGS.items():
+        if ours and _larger_target(name):
+            continue
         cal = calibration if calibrated else None
         alpha = choose_alpha(model, cfg, category, cal).alpha if ours else cfg.score.alpha
         settings = cfg.score.model_copy(update={"image_score_sigma": sigma})
@@ -110,12 +123,30 @@ def _evaluate(job: tuple[str, str]) -> list[dict]:
             m = np.stack(maps).astype(np.float32)
             rows.append({"training": name, "scoring": scoring, "scorer": scorer, "category": category,
                          "alpha": alpha, "image_size": cfg.data.image_size,
+                         "feature_size": cfg.features.image_size or cfg.data.image_size,
                          "steps": cfg.train.iterations, "pixel_auroc": pixel_auroc(m, masks),
                          "pro": pro_score(m, masks, fpr_limit=0.3),
                          "image_auroc": image_auroc(np.asarray(scores), labels)})
-    for row in rows:  # calibration plus the four scorings of the test split
+    for row in rows:  # calibration plus the scorings of the test split
         row["eval_s"] = time.perf_counter() - start
     return rows
+
+
+def _features_rule(ens: pd.DataFrame) -> list[str]:
+    """Round three's rule (bench/tune_cpu_features_rule.md), when its candidates ran."""
+    cal = ens[(ens.scoring == "calibrated") & ens.training.isin(["feat128", "feat256"])].set_index("training").mean3
+    if cal.empty:
+        return []
+    baseline = 0.911  # cap64, calibrated, 1371 steps: bench/tune_cpu_length.txt
+    winners = cal[cal > baseline + 0.01]
+    if winners.empty:
+        verdict = "no feature candidate beats cap64 by more than 0.01: the preset keeps the 64 px target"
+    elif "feat128" in winners and winners.max() - winners.get("feat128") <= 0.01:
+        verdict = "feat128 is chosen (beats cap64 by more than 0.01; the cheaper one within 0.01 of the best)"
+    else:
+        verdict = f"{winners.idxmax()} is chosen (beats cap64 by more than 0.01)"
+    return ["", "features rule (bench/tune_cpu_features_rule.md), calibrated ensemble mean3: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in cal.items()) + f" vs cap64 {baseline:.3f}: {verdict}"]
 
 
 def main() -> int:
@@ -135,7 +166,8 @@ def main() -> int:
     df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
     per_cat = df.copy()
     summary = (df.groupby(["training", "scoring", "scorer"])
-               [["pixel_auroc", "pro", "image_auroc", "mean3", "train_s", "eval_s", "image_size", "steps"]]
+               [["pixel_auroc", "pro", "image_auroc", "mean3", "train_s", "eval_s", "image_size",
+                "feature_size", "steps"]]
                .mean().round(3))
     ens = summary.xs("ensemble", level="scorer").reset_index()
     best = ens.loc[ens.mean3.idxmax()]
@@ -151,8 +183,9 @@ def main() -> int:
         "per category (ensemble):",
         per_cat[per_cat.scorer == "ensemble"].round(3).to_string(index=False), "",
         f"best: {best.training} / {best.scoring} (mean3 {best.mean3:.3f}); "
-        f"chosen by the rule: {chosen.training} / {chosen.scoring} (mean3 {chosen.mean3:.3f})",
+        f"chosen by the crop rule: {chosen.training} / {chosen.scoring} (mean3 {chosen.mean3:.3f})",
     ]
+    lines += _features_rule(ens)
     out = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_crop.txt"))
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -167,6 +167,11 @@ class FeatureTargetConfig(_Section):
     # Pad every conv with TF "same" pads fixed for this input size, propagated per stride as
     # efficientnet_pytorch does (official: b4's native 380 px); None: the backbone's own padding.
     static_same_padding: int | None = 380
+    # The side at which F(x_0) is computed (ours, issue #8; docs/method.md "Feature target at a
+    # larger size"): the image at this size goes through the backbone, and its maps are pooled
+    # (antialiased) to the UNet's grid, so the head learns detail its 64 px input has lost. None:
+    # the UNet's own input (the paper).
+    image_size: int | None = None
 
     @field_validator("static_same_padding")
     @classmethod
@@ -328,6 +333,9 @@ class AutoConfig(_Section):
     # Train on crops of this size when the fitted image size is larger (data.train_crop); the
     # network depth and the training length are then fitted to the crop. None: whole images.
     train_crop: int | None = None
+    # Compute the feature target at min(the images' side, this) when that is larger than the
+    # fitted image size (features.image_size). None: at the image size.
+    max_feature_size: int | None = None
     fitted: bool = False  # set by fit_to_data: the values below are fitted, never refitted
 
 
@@ -365,12 +373,30 @@ class DiffadConfig(_Section):
                 f"data.train_crop={crop} must be at most data.image_size={size} and a multiple of "
                 f"{max(4, 2 ** (n_levels - 1))} (4 and 2**(len(unet.channel_mult)-1))"
             )
+        feature_size = self.features.image_size
+        if feature_size is not None:
+            if feature_size < size or feature_size % 4:
+                raise ValueError(f"features.image_size={feature_size} must be a multiple of 4 and at "
+                                 f"least data.image_size={size}")
+            if crop is not None:
+                raise ValueError("features.image_size and data.train_crop cannot be combined "
+                                 "(a crop of the larger target is not defined)")
+            if self.score.alpha_per_category:
+                raise ValueError("features.image_size and score.alpha_per_category cannot be "
+                                 "combined (\"Ours*\" paints its defects at data.image_size)")
         return self
 
     @property
     def network_size(self) -> int:
         """The input size the UNet is built and trained for: the crop, else the image size."""
         return self.data.train_crop or self.data.image_size
+
+    @property
+    def feature_image_size(self) -> int | None:
+        """The side of the feature target's input when it differs from the images the UNet
+        sees (``features.image_size``), else None."""
+        size = self.features.image_size
+        return size if size is not None and size != self.data.image_size else None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

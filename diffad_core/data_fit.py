@@ -19,7 +19,10 @@ models) and is applied once, right after the dataset is resolved:
   for all categories on ``runtime.local_workers`` workers, from a cost per training image (crop)
   measured on this project's 2-core machine (``_SECONDS_PER_IMAGE_AT_64``), at least 150 and at
   most 1500;
-- **feature target:** EfficientNet-Lite0 at strides 4 and 8, compared on the H/4 grid.
+- **feature target:** EfficientNet-Lite0 at strides 4 and 8, compared on the H/4 grid; with
+  ``auto.max_feature_size``, computed on the image at min(native side, that cap) when this is
+  larger than the image size (``features.image_size``, docs/method.md), its cost per step
+  counted in the training length (``_SECONDS_PER_TARGET_IMAGE_AT_256``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from diffad_core.data.layouts import list_samples
 # (bench/heldout_seed1_benchmark.txt; the 0.113 s measured before it was stale;
 # bench/tune_cpu_length_rule.md).
 _SECONDS_PER_IMAGE_AT_64 = 0.082
+# One Lite0 pass (strides 4 and 8) per training image at 256 px, one thread: 0.083 s for a batch
+# of 4 on this project's 2-core machine (session 5); scaled with the area at other sizes.
+_SECONDS_PER_TARGET_IMAGE_AT_256 = 0.021
 _MIN_STEPS, _MAX_STEPS = 150, 1500
 _SIZES_CHECKED = 8  # train images per category whose header is read
 
@@ -62,9 +68,13 @@ def unet_levels(size: int) -> list[int]:
     return [1] + [2] * (n - 1)
 
 
-def training_steps(cfg: DiffadConfig, size: int, n_categories: int) -> int:
-    """Steps that fit the training share of the time budget (see the module docstring)."""
-    per_step = _SECONDS_PER_IMAGE_AT_64 * cfg.train.batch_size * (size / 64) ** 2
+def training_steps(cfg: DiffadConfig, size: int, n_categories: int, feature_size: int | None = None) -> int:
+    """Steps that fit the training share of the time budget (see the module docstring);
+    ``feature_size``: the side of the feature target's own input, when it has one."""
+    per_image = _SECONDS_PER_IMAGE_AT_64 * (size / 64) ** 2
+    if feature_size is not None:
+        per_image += _SECONDS_PER_TARGET_IMAGE_AT_256 * (feature_size / 256) ** 2
+    per_step = per_image * cfg.train.batch_size
     rounds = math.ceil(n_categories / max(1, cfg.runtime.local_workers))
     seconds = cfg.auto.time_budget_minutes * 60.0 * cfg.auto.train_share / rounds
     return int(min(_MAX_STEPS, max(_MIN_STEPS, seconds // per_step)))
@@ -76,12 +86,18 @@ def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
     if not cfg.auto.enabled or cfg.auto.fitted:
         return cfg
     categories = cfg.categories()
-    size = fitted_image_size(native_size(cfg, root, categories), cfg.auto.max_image_size)
+    native = native_size(cfg, root, categories)
+    size = fitted_image_size(native, cfg.auto.max_image_size)
     crop = cfg.auto.train_crop if cfg.auto.train_crop and cfg.auto.train_crop < size else None
+    feature_size = None
+    if cfg.auto.max_feature_size and crop is None:
+        feature_size = fitted_image_size(native, cfg.auto.max_feature_size)
+        feature_size = feature_size if feature_size > size else None
     mult = unet_levels(crop or size)
-    steps = training_steps(cfg, crop or size, len(categories))
+    steps = training_steps(cfg, crop or size, len(categories), feature_size)
     update = {
         "data": {"image_size": size, "train_crop": crop},
+        "features": {"image_size": feature_size},
         "unet": {"channel_mult": mult, "attention_resolutions": [16]},
         "train": {"iterations": steps, "checkpoint_every": max(1, steps // 2)},
         "auto": {"fitted": True},

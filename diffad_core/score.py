@@ -163,15 +163,23 @@ def component_maps(
     *,
     noise: torch.Tensor | None = None,
     with_rgb: bool = False,
+    feature_images: torch.Tensor | None = None,
 ) -> ComponentMaps:
     """The two terms of Eq. 11 for a batch of images in [-1, 1] (B, 3, H, W), averaged over t.
 
     ``noise`` (|T|, B, 3, H, W), the eps of each scoring step, else drawn t-major from the CPU
     ``generator`` (the same seed gives the same maps on every device). ``with_rgb`` also returns
-    ``|x0_hat - x0|`` from the KL pass (an ablation scorer).
+    ``|x0_hat - x0|`` from the KL pass (an ablation scorer). ``feature_images``: the same images
+    at ``features.image_size`` (B, 3, F, F), required when the model's target is computed there.
     """
     steps = [int(t) for t in model.cfg.diffusion.score_timesteps]
     _check_inputs(model, images, steps)
+    target_size = model.cfg.feature_image_size
+    if target_size is not None and (feature_images is None
+                                    or tuple(feature_images.shape) != (images.shape[0], 3, target_size, target_size)):
+        raise ValueError(f"this model computes its feature target at {target_size} px "
+                         f"(features.image_size): pass feature_images of shape "
+                         f"{(images.shape[0], 3, target_size, target_size)}")
     b, _, h, w = images.shape
     shape = (len(steps), *images.shape)
     if noise is None:
@@ -183,15 +191,18 @@ def component_maps(
     # at once elsewhere.
     chunk = micro_batch(model.device, h, w)
     group = b if chunk is None else max(1, chunk // len(steps))
-    parts = [_group_maps(model, images[i:i + group], category, settings, steps, noise[:, i:i + group], with_rgb)
+    target_input = images if target_size is None else feature_images
+    parts = [_group_maps(model, images[i:i + group], target_input[i:i + group], category, settings, steps,
+                         noise[:, i:i + group], with_rgb)
              for i in range(0, b, group)]
     return ComponentMaps(kl=torch.cat([m.kl for m in parts]), feature=torch.cat([m.feature for m in parts]),
                          rgb=torch.cat([m.rgb for m in parts]) if with_rgb else None)
 
 
-def _group_maps(model: DiffadModel, images: torch.Tensor, category: str, settings: ScoreConfig,
-                steps: list[int], noise: torch.Tensor, with_rgb: bool) -> ComponentMaps:
-    """``component_maps`` of one group of images, all scoring steps batched in t-major order."""
+def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Tensor, category: str,
+                settings: ScoreConfig, steps: list[int], noise: torch.Tensor, with_rgb: bool) -> ComponentMaps:
+    """``component_maps`` of one group of images, all scoring steps batched in t-major order;
+    ``target_input`` is what the feature target sees (the images, or them at its own size)."""
     s, device = model.schedule, model.device
     b, _, h, w = images.shape
     n_t = len(steps)
@@ -216,7 +227,9 @@ def _group_maps(model: DiffadModel, images: torch.Tensor, category: str, setting
     with autocast_context(device, settings.amp):
         model_out, feat_hat = in_chunks(unet_passes, [x_t, model_timesteps(s, t_idx), t_feature, y],
                                         micro_batch(device, h, w))
-        feat_target = model.feature_target(x0, size=size)
+        target_grid = size if target_input is images else (size or h // 4)  # the UNet's grid
+        feat_target = model.feature_target(target_input.to(device=device, dtype=torch.float32),
+                                           size=target_grid)
     model_out, feat_hat, feat_target = model_out.float(), feat_hat.float(), feat_target.float()
 
     # Eq. 11, first term: KL in bits, normalised per image and t, then mean over t and channels.
@@ -270,14 +283,15 @@ def score_batch(
     alpha: float,
     calibration: MapCalibration | None = None,
     generator: torch.Generator | None = None,
+    feature_images: torch.Tensor | None = None,
 ) -> ScoredBatch:
     """Eq. 11 and the image scores of a batch in [-1, 1] (B, 3, H, W), plus the ablation maps
-    ``settings.ablations`` asks for."""
+    ``settings.ablations`` asks for. ``feature_images``: as in :func:`component_maps`."""
     n_t = len(model.cfg.diffusion.score_timesteps)
     # One draw of the forward noise for Eq. 11 and for every variant of it (same x_t).
     noise = torch.randn((n_t, *images.shape), generator=generator, dtype=torch.float32)
     maps = component_maps(model, images, category, settings, noise=noise,
-                          with_rgb="rgb" in settings.ablations)
+                          with_rgb="rgb" in settings.ablations, feature_images=feature_images)
     anomaly = anomaly_map(maps, alpha, calibration)
     ablations: dict[str, torch.Tensor] = {}
     for name in settings.ablations:
@@ -287,7 +301,8 @@ def score_batch(
             ablations[name] = maps.rgb
         elif name in _VARIANTS:
             variant = settings.model_copy(update=_VARIANTS[name])
-            ablations[name] = anomaly_map(component_maps(model, images, category, variant, noise=noise),
+            ablations[name] = anomaly_map(component_maps(model, images, category, variant, noise=noise,
+                                                         feature_images=feature_images),
                                           alpha, calibration)
         else:
             ablations[name] = maps.kl if name == "kl" else maps.feature
@@ -316,8 +331,10 @@ def score_split(
         for start in range(0, n, settings.batch_size):
             stop = min(n, start + settings.batch_size)
             images = torch.from_numpy(np.ascontiguousarray(prepared.images[start:stop]))
+            feature_images = (None if prepared.feature_images is None
+                              else torch.from_numpy(np.ascontiguousarray(prepared.feature_images[start:stop])))
             batch = score_batch(model, images, prepared.category, settings, alpha=alpha,
-                                calibration=calibration, generator=generator)
+                                calibration=calibration, generator=generator, feature_images=feature_images)
             extra_scores = {name: image_scores(m, settings) for name, m in batch.ablation_maps.items()}
             for j in range(stop - start):
                 i = start + j

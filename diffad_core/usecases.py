@@ -215,6 +215,14 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
                         alpha_choice=choice, calibration=calibration)
 
 
+def _decoded(images: Sequence[Path | bytes], size: int) -> np.ndarray:
+    """Image files (or their bytes) as float32 (N, 3, size, size) in [-1, 1]."""
+    arrays = [load_image(Path(f"input image {i}"), size, data=source) if isinstance(source, bytes)
+              else load_image(Path(source), size)
+              for i, source in enumerate(images)]
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)) * 2.0 - 1.0
+
+
 def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | bytes], *,
                    alpha: float | None = None) -> Prediction:
     """Eq. 11 and the image score of each image (a file, or an encoded file's bytes), scored in
@@ -230,20 +238,17 @@ def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | b
     fit = scoring_fit(ev, category, progress=False)
     alpha, _source = _alpha_of(cfg, fit, alpha)
     calibration = fit.calibration
-    size = int(cfg.data.image_size)
-    arrays = []
-    for i, source in enumerate(images):
-        if isinstance(source, bytes):
-            arrays.append(load_image(Path(f"input image {i}"), size, data=source))
-        else:
-            arrays.append(load_image(Path(source), size))
-    inputs = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)) * 2.0 - 1.0
+    inputs = _decoded(images, int(cfg.data.image_size))
+    # The feature target's input, when the model computes it at its own size.
+    targets = None if cfg.feature_image_size is None else _decoded(images, cfg.feature_image_size)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     batch_size = max(1, int(cfg.score.batch_size))
     scores, maps = [], []
     for lo in range(0, len(inputs), batch_size):
-        batch = score_batch(ev.model, torch.from_numpy(inputs[lo:lo + batch_size]), category,
-                            cfg.score, alpha=alpha, calibration=calibration, generator=generator)
+        rows = slice(lo, lo + batch_size)
+        batch = score_batch(ev.model, torch.from_numpy(inputs[rows]), category, cfg.score, alpha=alpha,
+                            calibration=calibration, generator=generator,
+                            feature_images=None if targets is None else torch.from_numpy(targets[rows]))
         scores.append(batch.image_score.float().numpy())
         maps.append(batch.anomaly.float().numpy())
     return Prediction(image_scores=np.concatenate(scores), anomaly_maps=np.concatenate(maps),

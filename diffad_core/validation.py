@@ -23,7 +23,7 @@ import torch
 
 from diffad_core._atomic import atomic_write_text
 from diffad_core.config import DiffadConfig
-from diffad_core.data import prepare_split
+from diffad_core.data import PreparedSplit, prepare_split
 from diffad_core.data.synth.defects import paint_defects
 from diffad_core.metrics import pixel_auroc, pro_score
 from diffad_core.model import DiffadModel
@@ -67,30 +67,33 @@ class AlphaChoice:
                    source=str(data["source"]), n_validation_images=int(data["n_validation_images"]))
 
 
-def held_out_normals(model: DiffadModel, cfg: DiffadConfig, category: str) -> np.ndarray:
-    """The category's held-out train/good images, (N, 3, H, W) in [-1, 1]."""
+def held_out_normals(model: DiffadModel, cfg: DiffadConfig, category: str) -> PreparedSplit:
+    """The category's held-out train/good images (with ``feature_images`` when the model's
+    target is computed at its own size)."""
     idx = model.held_out(category)
     if not idx:
         raise ValidationError(
             f"the model of {category!r} was trained without held-out normal images; train it with "
             "score.calibrate_maps=true or score.alpha_per_category=true (score.validation_fraction > 0)")
-    train = prepare_split(cfg, category, "train")
-    return np.asarray(train.images[idx], dtype=np.float32)
+    return prepare_split(cfg, category, "train").subset(np.asarray(idx))
 
 
-def _maps_of(model: DiffadModel, cfg: DiffadConfig, category: str, images: np.ndarray) -> ComponentMaps:
+def _maps_of(model: DiffadModel, cfg: DiffadConfig, category: str, images: np.ndarray,
+             feature_images: np.ndarray | None = None) -> ComponentMaps:
     generator = torch.Generator().manual_seed(int(cfg.seed))
     parts = []
     for start in range(0, len(images), cfg.score.batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + cfg.score.batch_size]))
-        parts.append(component_maps(model, batch, category, cfg.score, generator))
+        rows = slice(start, start + cfg.score.batch_size)
+        batch = torch.from_numpy(np.ascontiguousarray(images[rows]))
+        targets = None if feature_images is None else torch.from_numpy(np.ascontiguousarray(feature_images[rows]))
+        parts.append(component_maps(model, batch, category, cfg.score, generator, feature_images=targets))
     return ComponentMaps(kl=torch.cat([p.kl for p in parts]), feature=torch.cat([p.feature for p in parts]))
 
 
 def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibration:
     """Mean and std of each Eq. 11 term over every pixel of the held-out normal images."""
     normal = held_out_normals(model, cfg, category)
-    maps = _maps_of(model, cfg, category, normal)
+    maps = _maps_of(model, cfg, category, normal.images, normal.feature_images)
     return MapCalibration(
         kl_mean=float(maps.kl.mean()), kl_std=max(float(maps.kl.std()), 1e-12),
         feature_mean=float(maps.feature.mean()), feature_std=max(float(maps.feature.std()), 1e-12),
@@ -117,7 +120,8 @@ def choose_alpha(model: DiffadModel, cfg: DiffadConfig, category: str,
     grid = [float(a) for a in cfg.score.alpha_grid]
     if not grid:
         raise ValueError("score.alpha_grid is empty")
-    normal = held_out_normals(model, cfg, category)
+    # At data.image_size only: the config rejects "Ours*" with features.image_size.
+    normal = held_out_normals(model, cfg, category).images
     anomalous, anomaly_masks = paint_defects(normal, seed=int(cfg.seed) + 7919)
     images = np.concatenate([normal, anomalous], axis=0)
     masks = np.concatenate([np.zeros_like(anomaly_masks), anomaly_masks], axis=0)

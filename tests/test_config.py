@@ -124,3 +124,15 @@ def test_train_crop_must_fit_the_image_and_the_network():
         load_config("smoke", overrides=["data.image_size=64", "data.train_crop=96"])
     with pytest.raises(ConfigError, match="data.train_crop=30"):
         load_config("smoke", overrides=["data.image_size=64", "data.train_crop=30"])
+
+
+def test_feature_image_size_is_at_least_the_image_and_excludes_crops_and_ours_star():
+    cfg = load_config("smoke", overrides=["data.image_size=32", "features.image_size=64"])
+    assert cfg.feature_image_size == 64 and cfg.model_hash() != load_config("smoke").model_hash()
+    assert load_config("smoke", overrides=["features.image_size=32"]).feature_image_size is None
+    with pytest.raises(ConfigError, match="features.image_size=16"):
+        load_config("smoke", overrides=["features.image_size=16"])
+    with pytest.raises(ConfigError, match="data.train_crop"):
+        load_config("smoke", overrides=["features.image_size=64", "data.train_crop=16"])
+    with pytest.raises(ConfigError, match="alpha_per_category"):
+        load_config("smoke", overrides=["features.image_size=64", "score.alpha_per_category=true"])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from diffad_core.config import load_config
+from diffad_core.data import PreparedSplit
 from diffad_core.diffusion import diffusion_schedules
 from diffad_core.score import (
     ComponentMaps,
@@ -266,16 +267,14 @@ def test_score_batch_rejects_bad_input(model: _Model) -> None:
         _batch(model, torch.zeros(2, 1, SIZE, SIZE), 0.5, 0)
 
 
-def _prepared(n: int, category: str = "weave") -> types.SimpleNamespace:
+def _prepared(n: int, category: str = "weave") -> PreparedSplit:
     imgs = _images(n, seed=5).numpy()
     masks = np.zeros((n, SIZE, SIZE), dtype=np.uint8)
     masks[1::2, 4:10, 4:10] = 1
     labels = np.array([i % 2 for i in range(n)])
-    return types.SimpleNamespace(
-        images=imgs, masks=masks, labels=labels,
-        defect_types=["good" if lb == 0 else "spot" for lb in labels],
-        rel_paths=[f"{category}/test/x/{i:03d}.png" for i in range(n)], category=category,
-    )
+    return PreparedSplit(category, "test", imgs, masks, labels,
+                         ["good" if lb == 0 else "spot" for lb in labels],
+                         [f"{category}/test/x/{i:03d}.png" for i in range(n)])
 
 
 def test_score_split_streams_records() -> None:

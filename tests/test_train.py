@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffad_core.config import load_config
@@ -247,6 +248,59 @@ def test_training_on_crops_scores_whole_images(home: Path, tmp_path: Path):
     recon = gradient_denoise(model, images[:1], model.cfg.reconstruct, category="weave")
     assert recon.shape == (1, 3, 32, 32)
     assert seen and all(s == (32, 32) for s in seen)
+
+
+def test_feature_target_at_a_larger_size_is_trained_and_scored_there(home: Path, tmp_path: Path):
+    """features.image_size: the UNet sees 32 px images, the feature target the same images at
+    48 px (training, calibration, scoring and predict), compared on the UNet's 8x8 grid."""
+    import io
+
+    from PIL import Image
+
+    from diffad_core.data import prepare_split
+    from diffad_core.nets.features import FeatureTarget
+    from diffad_core.score import component_maps, score_split
+    from diffad_core.usecases import EvaluationModel, predict_images
+    from diffad_core.validation import calibrate
+
+    seen: list[tuple[int, ...]] = []
+    original = FeatureTarget.forward
+
+    def recording(self, x, size=None):
+        out = original(self, x, size)
+        seen.append((*x.shape[-2:], *out.shape[-2:]))
+        return out
+
+    cfg = _cfg("features.image_size=48", "train.iterations=2", "score.calibrate_maps=true")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FeatureTarget, "forward", recording)
+        train_model(cfg, ["weave"], tmp_path / "f48", progress=False)
+        assert seen and all(s == (48, 48, 8, 8) for s in seen)  # training: 48 px in, H/4 of 32 out
+        model = load_model(tmp_path / "f48", device="cpu")
+        test = prepare_split(model.cfg, "weave", "test")
+        assert test.images.shape[-1] == 32 and test.feature_images.shape[-1] == 48
+        images = torch.from_numpy(test.images[:2])
+        with pytest.raises(ValueError, match="48 px"):
+            component_maps(model, images, "weave", model.cfg.score, torch.Generator().manual_seed(0))
+        seen.clear()
+        cal = calibrate(model, model.cfg, "weave")
+        records = list(score_split(model, test, model.cfg.score, alpha=0.5, calibration=cal, progress=False))
+        assert seen and all(s[:2] == (48, 48) for s in seen)
+    assert cal.n_images >= 1 and cal.feature_std > 0
+    assert len(records) == len(test) and all(np.isfinite(r.anomaly_map).all() for r in records)
+    assert records[0].feature_map.shape == (32, 32)
+    # The same maps from the 48 px input as the target's input: not those of the 32 px images.
+    big = torch.from_numpy(test.feature_images[:2])
+    maps = component_maps(model, images, "weave", model.cfg.score, torch.Generator().manual_seed(0),
+                          feature_images=big)
+    assert not torch.allclose(maps.feature, component_maps(
+        model, images, "weave", model.cfg.score, torch.Generator().manual_seed(0),
+        feature_images=F.interpolate(images, size=48, mode="bilinear")).feature)
+    buf = io.BytesIO()
+    Image.fromarray(((test.feature_images[0].transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)).save(buf, "PNG")
+    ev = EvaluationModel(model=model, cfg=model.cfg, checkpoint=tmp_path / "f48")
+    predicted = predict_images(ev, "weave", [buf.getvalue()])
+    assert predicted.anomaly_maps.shape == (1, 32, 32) and np.isfinite(predicted.image_scores).all()
 
 
 def test_training_fine_tunes_from_an_adm_checkpoint(home: Path, tmp_path: Path):

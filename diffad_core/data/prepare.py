@@ -3,7 +3,9 @@
 ``prepare_split`` resizes a split to ``cfg.data.image_size`` (METHOD.md §1: antialiased bicubic
 for images, nearest for masks, anomalous = value > 0), scales images to [-1, 1] and caches the
 result under ``$DIFFAD_HOME/cache/<category manifest hash>/<size>/<split>.npz``, so a repeated
-run decodes nothing. ``TrainImages`` adds the random rotation of METHOD.md §1 (ours).
+run decodes nothing. With ``features.image_size`` it also carries the same images at that size
+(``feature_images``: the feature target's input, docs/method.md). ``TrainImages`` adds the random
+rotation of METHOD.md §1 (ours).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class PreparedSplit:
     defect_types: list[str]
     rel_paths: list[str]
     manifest_hash: str = ""
+    # The same images at ``features.image_size`` (float32 (N, 3, F, F)); None when the feature
+    # target sees ``images`` themselves.
+    feature_images: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rel_paths)
@@ -49,7 +54,7 @@ class PreparedSplit:
         return PreparedSplit(
             self.category, self.split, self.images[idx], self.masks[idx], self.labels[idx],
             [self.defect_types[i] for i in idx], [self.rel_paths[i] for i in idx],
-            self.manifest_hash,
+            self.manifest_hash, None if self.feature_images is None else self.feature_images[idx],
         )
 
 
@@ -98,17 +103,27 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def prepare_split(cfg: DiffadConfig, category: str, split: str) -> PreparedSplit:
-    """The ``split`` ("train" | "test") of ``category`` at ``cfg.data.image_size``, cached."""
+    """The ``split`` ("train" | "test") of ``category`` at ``cfg.data.image_size``, cached; with
+    ``features.image_size`` also its images at that size (``feature_images``)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = cfg.data.resolved_root()
     dataset = cfg.data.dataset
-    size = cfg.data.image_size
     samples = list_samples(root, dataset, category, split)
     if not samples:
         raise DatasetLayoutError(f"category {category!r} has no {split} images under {root}")
-    manifest = dataset_manifest(root, dataset, [category])
-    path = cache_path(manifest["hash"], size, split)
+    manifest_hash = dataset_manifest(root, dataset, [category])["hash"]
+    prepared = _prepared_at(cfg, samples, manifest_hash, cfg.data.image_size, category, split)
+    if cfg.feature_image_size is not None:
+        prepared.feature_images = _prepared_at(cfg, samples, manifest_hash, cfg.feature_image_size,
+                                               category, split).images
+    return prepared
+
+
+def _prepared_at(cfg: DiffadConfig, samples: list, manifest_hash: str, size: int, category: str,
+                 split: str) -> PreparedSplit:
+    """``samples`` at ``size``: from the cache when it holds them, else decoded (and cached)."""
+    path = cache_path(manifest_hash, size, split)
     rel_paths = [s.rel_path for s in samples]
     if cfg.data.cache and path.is_file():
         try:
@@ -119,7 +134,7 @@ def prepare_split(cfg: DiffadConfig, category: str, split: str) -> PreparedSplit
                     labels = z["labels"].astype(np.int64)
                     defect_types = [str(d) for d in z["defect_types"]]
                     return _as_split(category, split, images16, masks, labels, defect_types,
-                                     rel_paths, manifest["hash"])
+                                     rel_paths, manifest_hash)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt below
     images16, masks = _decode(samples, size)
@@ -128,8 +143,7 @@ def prepare_split(cfg: DiffadConfig, category: str, split: str) -> PreparedSplit
     if cfg.data.cache:
         _write_npz(path, {"images": images16, "masks": masks, "labels": labels,
                           "defect_types": np.array(defect_types), "rel_paths": np.array(rel_paths)})
-    return _as_split(category, split, images16, masks, labels, defect_types, rel_paths,
-                     manifest["hash"])
+    return _as_split(category, split, images16, masks, labels, defect_types, rel_paths, manifest_hash)
 
 
 def _as_split(category: str, split: str, images16: np.ndarray, masks: np.ndarray,
@@ -162,13 +176,15 @@ def rotate(image: torch.Tensor, degrees: float, padding: str = "reflection") -> 
 class TrainImages(torch.utils.data.Dataset):
     """Training images of one or more categories as a torch Dataset.
 
-    ``__getitem__`` returns (image (3, S, S) float32 in [-1, 1], class index). With ``augment``
-    each access rotates the image by an angle uniform in +-``rotation_degrees`` (METHOD.md §1,
-    ours), reflection-padded. With ``crop`` it then returns a random ``crop`` x ``crop`` window
-    of the image (``data.train_crop``). Angles and windows come from a torch Generator
-    (``generator``, else one seeded with ``seed``); each DataLoader worker reseeds from its own
-    worker seed, and ``set_epoch(e)`` reseeds from (seed, e), so a run (and a resumed run) is
-    reproducible.
+    ``__getitem__`` returns (image (3, S, S) float32 in [-1, 1], the feature target's input,
+    class index). The target's input is the same image at ``features.image_size`` when the
+    splits carry ``feature_images``, else the image itself. With ``augment`` each access rotates
+    the image (and its target input, by the same angle) by an angle uniform in
+    +-``rotation_degrees`` (METHOD.md §1, ours), reflection-padded. With ``crop`` it then returns
+    a random ``crop`` x ``crop`` window of the image (``data.train_crop``). Angles and windows
+    come from a torch Generator (``generator``, else one seeded with ``seed``); each DataLoader
+    worker reseeds from its own worker seed, and ``set_epoch(e)`` reseeds from (seed, e), so a
+    run (and a resumed run) is reproducible.
     """
 
     def __init__(self, prepared_splits: list[PreparedSplit], rotation_degrees: float,
@@ -181,6 +197,11 @@ class TrainImages(torch.utils.data.Dataset):
         if missing:
             raise KeyError(f"categories {missing} are not in class_index {class_index}")
         self.images = torch.from_numpy(np.concatenate([p.images for p in prepared_splits]))
+        with_targets = {p.feature_images is not None for p in prepared_splits}
+        if len(with_targets) > 1:
+            raise ValueError("either every prepared split carries feature_images or none does")
+        self.feature_images = (torch.from_numpy(np.concatenate([p.feature_images for p in prepared_splits]))
+                               if with_targets == {True} else None)
         self.classes = torch.tensor(
             [class_index[p.category] for p in prepared_splits for _ in range(len(p))],
             dtype=torch.long)
@@ -190,6 +211,8 @@ class TrainImages(torch.utils.data.Dataset):
         side = min(self.images.shape[-2:])
         if crop is not None and not 1 <= crop <= side:
             raise ValueError(f"crop={crop} must be between 1 and the image side {side}")
+        if crop is not None and self.feature_images is not None:
+            raise ValueError("a training crop with feature_images is not defined")
         self.crop = crop
         self.seed = seed
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -210,17 +233,21 @@ class TrainImages(torch.utils.data.Dataset):
             self.generator.manual_seed(info.seed % (2**63))
         return self.generator
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = self.images[index]
+        target_input = image if self.feature_images is None else self.feature_images[index]
         if self.augment:
             u = torch.rand((), generator=self._rng()).item()
-            image = rotate(image, (2.0 * u - 1.0) * self.rotation_degrees, self.padding)
+            degrees = (2.0 * u - 1.0) * self.rotation_degrees
+            image = rotate(image, degrees, self.padding)
+            target_input = image if self.feature_images is None else rotate(target_input, degrees, self.padding)
         if self.crop is not None:
             h, w = image.shape[-2:]
             top = int(torch.randint(h - self.crop + 1, (), generator=self._rng()))
             left = int(torch.randint(w - self.crop + 1, (), generator=self._rng()))
             image = image[..., top:top + self.crop, left:left + self.crop].contiguous()
-        return image, int(self.classes[index])
+            target_input = image
+        return image, target_input, int(self.classes[index])
 
 
 # ----------------------------------------------------------------------------- resolve

@@ -7,7 +7,9 @@ H/4 x W/4 (training, the official ``feat_shape`` 64), or ``size`` x ``size`` (th
 script's 16). With ``imagenet_norm=False`` (official) the raw [-1, 1] image goes in; with True it is
 mapped to [0, 1] and normalised with the backbone's pretrained mean/std. ``static_same_padding``
 fixes every conv's TF "same" pad for that input size (efficientnet_pytorch's behaviour, see
-``same_padding``).
+``same_padding``). With ``image_size`` (ours, issue #8) the input is the image at that larger size
+and the caller asks for the UNet's grid; maps larger than the grid are then pooled with an
+antialiased (area-weighted) resize, so a detail one grid cell wide is averaged in, not skipped.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from diffad_core.nets.same_padding import PadRecord, apply_static_same_padding
 __all__ = ["FeatureTarget", "resize_concat"]
 
 
-def resize_concat(features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Resize each (B, C_i, h_i, w_i) map bilinearly (align_corners=False) to ``size``; concat."""
+def resize_concat(features: list[torch.Tensor], size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """Resize each (B, C_i, h_i, w_i) map bilinearly (align_corners=False) to ``size``; concat.
+    ``antialias`` low-passes the maps that shrink (torch's antialiased bilinear)."""
     return torch.cat(
         [f if tuple(f.shape[-2:]) == size
-         else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+         else F.interpolate(f, size=size, mode="bilinear", align_corners=False, antialias=antialias)
          for f in features],
         dim=1,
     )
@@ -55,6 +58,7 @@ class FeatureTarget(nn.Module):
         self.channels_per_layer = [int(c) for c in self.backbone.feature_info.channels()]
         self.channels = sum(self.channels_per_layer)
         self.imagenet_norm = cfg.imagenet_norm
+        self.antialias = cfg.image_size is not None
         mean, std = normalisation_stats(self.backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -78,4 +82,4 @@ class FeatureTarget(nn.Module):
             if self.imagenet_norm:
                 inp = (inp - self.mean.to(inp.dtype)) / self.std.to(inp.dtype)
             feats = self.backbone(inp)
-            return resize_concat(list(feats), grid).contiguous()  # NCHW for channels-last weights
+            return resize_concat(list(feats), grid, self.antialias).contiguous()  # NCHW for channels-last weights

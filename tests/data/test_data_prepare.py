@@ -93,8 +93,9 @@ def test_train_images_without_augment_is_identity() -> None:
     a, b = _split(2, category="a"), _split(3, category="b", seed=1)
     ds = TrainImages([a, b], 5.0, False, {"a": 0, "b": 7})
     assert len(ds) == 5
-    image, cls = ds[3]
+    image, target_input, cls = ds[3]
     assert cls == 7 and torch.equal(image, torch.from_numpy(b.images[1]))
+    assert target_input is image  # no feature_images: the target sees the image itself
     assert TrainImages([a], 0.0, True, {"a": 0})[1][0].equal(torch.from_numpy(a.images[1]))
     with pytest.raises(KeyError, match="'b'"):
         TrainImages([b], 5.0, True, {"a": 0})
@@ -142,6 +143,36 @@ def test_train_images_rotation_is_seeded_and_bounded(monkeypatch: pytest.MonkeyP
     for i in range(200):
         ds[i % 2]
     assert max(abs(a) for a in angles) <= 5.0 and min(angles) < -3.5 and max(angles) > 3.5
+
+
+def test_train_images_rotate_feature_images_by_the_same_angle() -> None:
+    small, large = _split(3, size=8), _split(3, size=32, seed=5)
+    small.feature_images = large.images
+    plain = TrainImages([small], 5.0, False, {"a": 0})
+    image, target_input, _ = plain[2]
+    assert torch.equal(image, torch.from_numpy(small.images[2]))
+    assert torch.equal(target_input, torch.from_numpy(large.images[2]))
+    rotated = TrainImages([small], 5.0, True, {"a": 0}, seed=3)
+    angle = (2.0 * torch.rand((), generator=torch.Generator().manual_seed(3)).item() - 1.0) * 5.0
+    image, target_input, _ = rotated[2]
+    assert torch.equal(image, rotate(torch.from_numpy(small.images[2]), angle))
+    assert torch.equal(target_input, rotate(torch.from_numpy(large.images[2]), angle))
+    with pytest.raises(ValueError, match="crop"):
+        TrainImages([small], 5.0, False, {"a": 0}, crop=4)
+    with pytest.raises(ValueError, match="every prepared split"):
+        TrainImages([small, _split(2, category="b")], 5.0, False, {"a": 0, "b": 1})
+
+
+def test_prepare_split_carries_feature_images_at_their_size(tmp_path: Path) -> None:
+    root = build_mvtec(tmp_path / "mv", categories=("bottle",), size=16)
+    test = prepare_split(_cfg(root, "features.image_size=16"), "bottle", "test")
+    assert test.images.shape == (3, 3, 8, 8) and test.feature_images.shape == (3, 3, 16, 16)
+    at16 = prepare_split(_cfg(root, "data.image_size=16"), "bottle", "test")
+    assert np.array_equal(test.feature_images, at16.images)  # the same images, decoded at 16 px
+    assert test.subset(np.array([2, 0])).feature_images.shape == (2, 3, 16, 16)
+    assert prepare_split(_cfg(root), "bottle", "test").feature_images is None
+    same = prepare_split(_cfg(root, "features.image_size=8"), "bottle", "test")
+    assert same.feature_images is None  # at the image size the target sees the images
 
 
 def test_rotate_golden() -> None:
