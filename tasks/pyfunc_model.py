@@ -5,7 +5,9 @@ Each registered version is an MLflow model: the checkpoint's files (``model.safe
 recorded beside them (``scoring/``: the map calibration, validation.ScoringFit) when the config
 asks for one, so that it scores without the training data. ``mlflow.pyfunc.load_model(
 "models:/<name>@champion")`` and ``mlflow models serve`` work on it;
-``diffad_core.model.load_model`` reads the same files.
+``diffad_core.model.load_model`` reads the same files. The model carries its own code
+(``code/diffad_core``, ``code/tasks``) and pins only diffad's dependencies, so an environment
+built from its requirements (``--env-manager virtualenv``) needs no diffad package.
 
 Input: a DataFrame with a column ``image`` of encoded image files (PNG, JPEG, ... bytes; in a
 JSON request to ``/invocations``, base64 strings, which MLflow decodes by the signature).
@@ -30,6 +32,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 from packaging.requirements import Requirement
 
+import diffad_core
 from diffad_core.model import stored_config
 from diffad_core.usecases import load_for_evaluation, pick_category, predict_images, scoring_fit
 from diffad_core.validation import SCORING_FIT_FOLDER, needs_scoring_fit
@@ -40,6 +43,8 @@ CHECKPOINT_ARTIFACTS = {"model": "model.safetensors", "padim": "padim.safetensor
                         "config": "config.json", "meta": "meta.json"}
 MODEL_NAME = "model"  # the logged model's name within its run
 _ENTRY = Path(__file__).with_name("pyfunc_entry.py")  # models from code: no pickle in the model
+# The packages the model imports, copied into it (MLflow puts them first on sys.path on load).
+_CODE_PACKAGES = (Path(diffad_core.__file__).parent, Path(__file__).parent)
 IMAGE_COLUMN = "image"
 
 
@@ -71,10 +76,9 @@ def signature(image_size: int) -> ModelSignature:
 
 
 def _pinned_requirements() -> list[str]:
-    """diffad and its runtime dependencies at the installed versions (no environment inference,
-    so logging takes no extra model load). diffad itself installs from the team's own index or
-    checkout; ``mlflow models serve --env-manager local`` uses the current environment."""
-    pins = [f"diffad=={importlib.metadata.version('diffad')}"]
+    """diffad's runtime dependencies at the installed versions (no environment inference, so
+    logging takes no extra model load). diffad itself is not one: its code is in the model."""
+    pins = []
     for text in importlib.metadata.requires("diffad") or []:
         req = Requirement(text)
         if req.marker is None or req.marker.evaluate({"extra": ""}):
@@ -116,6 +120,7 @@ def log_model(run_id: str, checkpoint_dir: Path) -> LoggedModel:
                     str(local), python_model=str(_ENTRY), artifacts=artifacts,
                     signature=signature(int(cfg.data.image_size)),
                     pip_requirements=_pinned_requirements(),
+                    code_paths=[str(p) for p in _CODE_PACKAGES],
                     mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
                                        model_id=logged.model_id, model_uuid=logged.model_id))
             client.log_model_artifacts(logged.model_id, str(local))

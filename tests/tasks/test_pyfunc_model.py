@@ -105,7 +105,9 @@ def test_load_model_predicts_like_diffad_predict(registered: dict[str, Any], tmp
     assert meta.model_id is not None
     model_dir = Path(mlflow.artifacts.download_artifacts(registered["uri"]))
     requirements = (model_dir / "requirements.txt").read_text()
-    assert "diffad==0.1.0" in requirements and "torch==" in requirements
+    assert "diffad" not in requirements and "torch==2.14.1" in requirements  # its code is inside
+    assert (model_dir / "code" / "diffad_core" / "score.py").is_file()
+    assert (model_dir / "code" / "tasks" / "pyfunc_model.py").is_file()
     assert not list(model_dir.rglob("*.pkl"))  # models from code: no pickle in the model
     assert (model_dir / "artifacts" / "scoring").is_dir()  # the recorded map calibration
 
@@ -132,6 +134,39 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
+
+
+# Run in a fresh interpreter where neither the checkout nor the installed diffad can be
+# imported: the model must bring its own code.
+_LOAD_WITHOUT_DIFFAD = """
+import importlib.util, json, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                 and "editable" not in type(f).__module__]
+sys.path = [p for p in sys.path if p not in ("", {checkout!r})]
+assert importlib.util.find_spec("diffad_core") is None and importlib.util.find_spec("tasks") is None
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model({uri!r})
+png = open({png!r}, "rb").read()
+out = model.predict(pd.DataFrame({{"image": [png]}}))
+import diffad_core
+print(json.dumps({{"score": float(out["image_score"][0]), "code": diffad_core.__file__}}))
+"""
+
+
+@pytest.mark.integration
+def test_the_model_carries_its_code(registered: dict[str, Any], tmp_path: Path) -> None:
+    """The registered model loads and predicts in an interpreter that cannot import diffad:
+    its own copy of the code (code/diffad_core, code/tasks) is used."""
+    checkout = str(Path(__file__).resolve().parents[2])
+    png = registered["images"][0]
+    script = _LOAD_WITHOUT_DIFFAD.format(checkout=checkout, uri=registered["uri"], png=str(png))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": registered["store"]}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not answer["code"].startswith(checkout) and "/code/diffad_core/" in answer["code"]
+    expected = predict_images(load_for_evaluation(registered["checkpoint"]), "weave", [png])
+    assert answer["score"] == pytest.approx(float(expected.image_scores[0]), rel=1e-6)
 
 
 @pytest.mark.integration
