@@ -58,16 +58,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Two categories at a time, one thread each: both cores of a laptop busy.
         "runtime": {"num_threads": 1, "local_workers": 2},
     },
-    # A user's own images (``--dataset folder``) on a 2-core CPU: image size, network depth and
-    # training length fitted to the data and a time budget (diffad_core/data_fit.py); the maps
-    # standardised on held-out normal training images before Eq. 11. The values below the fitted
-    # ones were chosen on the synthetic family only (bench/tune_cpu_rule.md, bench/tune_cpu.txt).
+    # A user's own images (``--dataset folder``) on a 2-core CPU: image size, the feature
+    # target's input size, network depth and training length fitted to the data and a time
+    # budget (diffad_core/data_fit.py); the maps standardised on held-out normal training images
+    # before Eq. 11. The values below the fitted ones were chosen on the synthetic family only
+    # (bench/tune_cpu_rule.md and the later rounds' rule files beside it).
     "cpu": {
         "data": {"dataset": "folder", "augment_rotation": True},
         # 64 px beat 128 px on the tuning family (mean of the three metrics 0.905 vs 0.760):
         # within the budget 128 px trains only ~250 steps (bench/tune_cpu.txt); it also beat
         # 128 / 256 px images trained on 64 px crops (0.855 / 0.808, bench/tune_cpu_crop.txt).
-        "auto": {"enabled": True, "max_image_size": 64},
+        # The feature target sees the images at up to 256 px: 0.937 against 0.911 at 64 px
+        # (0.925 at 128; bench/tune_cpu_features_rule.md, bench/tune_cpu_features.txt).
+        "auto": {"enabled": True, "max_image_size": 64, "max_feature_size": 256},
         "unet": {"base_channels": 32, "num_res_blocks": 1, "num_head_channels": 32,
                  "class_cond": False, **_REFINED_UNET},
         "features": {"weights": _LITE0, "out_indices": [1, 2], **_REFINED_FEATURES},

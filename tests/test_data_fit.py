@@ -70,13 +70,13 @@ def test_fit_with_a_larger_feature_target(tmp_path: Path) -> None:
     than the image size, and its pass is paid for in training steps."""
     root = generate_heldout(tmp_path / "d", size=128, n_train=3, n_test_good=1, n_test_per_defect=1,
                             categories=["brick"])
-    cfg = load_config("cpu", overrides=[f"data.root={root}", "auto.max_feature_size=256"])
+    cfg = load_config("cpu", overrides=[f"data.root={root}"])  # the preset's cap: 256
     fitted = fit_to_data(cfg, root)
     assert fitted.data.image_size == 64 and fitted.features.image_size == 128  # capped by the images
     assert fitted.feature_image_size == 128 and fitted.network_size == 64
     assert fitted.train.iterations == training_steps(cfg, 64, 1, 128)
     assert training_steps(cfg, 64, 4, 256) < training_steps(cfg, 64, 4, 128) < training_steps(cfg, 64, 4)
-    plain = fit_to_data(load_config("cpu", overrides=[f"data.root={root}"]), root)
+    plain = fit_to_data(load_config("cpu", overrides=[f"data.root={root}", "auto.max_feature_size=null"]), root)
     assert plain.features.image_size is None and plain.feature_image_size is None
     same = load_config("cpu", overrides=[f"data.root={root}", "auto.max_feature_size=64"])
     assert fit_to_data(same, root).features.image_size is None  # not larger than the image
