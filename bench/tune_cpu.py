@@ -38,14 +38,15 @@ DATA = HOME / "synth-seed1"
 CATEGORIES = os.environ.get("TUNE_CATEGORIES", "weave,gravel,washer,bolt").split(",")
 # Extra --set overrides for a quick check of this script (e.g. a tiny training); empty for the run.
 EXTRA = [x for x in os.environ.get("TUNE_EXTRA", "").split(";") if x]
-# Round two (bench/tune_cpu_crop_rule.md) and three (bench/tune_cpu_features_rule.md: the
-# feature target at a larger size); round one (bench/tune_cpu_rule.md, tune_cpu.txt) had "cap64"
+# Round two (bench/tune_cpu_crop_rule.md), three (bench/tune_cpu_features_rule.md: the feature
+# target at a larger size) and four (bench/tune_cpu_grid_rule.md: the head on the H/2 grid); round one (bench/tune_cpu_rule.md, tune_cpu.txt) had "cap64"
 # and "cap128" (128 px whole images).
 TRAININGS = {"cap64": ["auto.max_image_size=64"],
              "cap128-crop64": ["auto.max_image_size=128", "auto.train_crop=64"],
              "cap256-crop64": ["auto.max_image_size=256", "auto.train_crop=64"],
              "feat128": ["auto.max_image_size=64", "auto.max_feature_size=128"],
-             "feat256": ["auto.max_image_size=64", "auto.max_feature_size=256"]}
+             "feat256": ["auto.max_image_size=64", "auto.max_feature_size=256"],
+             "grid32": ["auto.max_image_size=64", "auto.max_feature_size=256", "unet.feature_stride=2"]}
 # A subset of TRAININGS to run (bench/tune_cpu_length_rule.md runs cap64 alone); empty: all.
 ONLY = [x for x in os.environ.get("TUNE_TRAININGS", "").split(",") if x]
 if ONLY:
@@ -132,21 +133,30 @@ def _evaluate(job: tuple[str, str]) -> list[dict]:
     return rows
 
 
-def _features_rule(ens: pd.DataFrame) -> list[str]:
-    """Round three's rule (bench/tune_cpu_features_rule.md), when its candidates ran."""
-    cal = ens[(ens.scoring == "calibrated") & ens.training.isin(["feat128", "feat256"])].set_index("training").mean3
-    if cal.empty:
-        return []
-    baseline = 0.911  # cap64, calibrated, 1371 steps: bench/tune_cpu_length.txt
-    winners = cal[cal > baseline + 0.01]
-    if winners.empty:
-        verdict = "no feature candidate beats cap64 by more than 0.01: the preset keeps the 64 px target"
-    elif "feat128" in winners and winners.max() - winners.get("feat128") <= 0.01:
-        verdict = "feat128 is chosen (beats cap64 by more than 0.01; the cheaper one within 0.01 of the best)"
-    else:
-        verdict = f"{winners.idxmax()} is chosen (beats cap64 by more than 0.01)"
-    return ["", "features rule (bench/tune_cpu_features_rule.md), calibrated ensemble mean3: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in cal.items()) + f" vs cap64 {baseline:.3f}: {verdict}"]
+# Rounds three and four: (rule file, candidates cheapest first, the baseline's recorded mean3).
+_ADOPTION_RULES = [
+    ("bench/tune_cpu_features_rule.md", ["feat128", "feat256"], "cap64", 0.911),  # tune_cpu_length.txt
+    ("bench/tune_cpu_grid_rule.md", ["grid32"], "feat256", 0.937),  # tune_cpu_features.txt
+]
+
+
+def _adoption_rules(ens: pd.DataFrame) -> list[str]:
+    """A candidate replaces the baseline only if it beats it by more than 0.01 (calibrated maps,
+    alpha 0.5); among such winners, the cheapest within 0.01 of the best."""
+    lines = []
+    for rule_file, candidates, baseline, base_value in _ADOPTION_RULES:
+        cal = ens[(ens.scoring == "calibrated") & ens.training.isin(candidates)].set_index("training").mean3
+        if cal.empty:
+            continue
+        winners = cal[cal > base_value + 0.01]
+        if winners.empty:
+            verdict = f"none beats {baseline} by more than 0.01: the preset keeps {baseline}"
+        else:
+            chosen = next(c for c in candidates if c in winners and winners[c] >= winners.max() - 0.01)
+            verdict = f"{chosen} is chosen (beats {baseline} by more than 0.01; the cheapest within 0.01 of the best)"
+        lines += ["", f"rule ({rule_file}), calibrated ensemble mean3: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in cal.items()) + f" vs {baseline} {base_value:.3f}: {verdict}"]
+    return lines
 
 
 def main() -> int:
@@ -185,7 +195,7 @@ def main() -> int:
         f"best: {best.training} / {best.scoring} (mean3 {best.mean3:.3f}); "
         f"chosen by the crop rule: {chosen.training} / {chosen.scoring} (mean3 {chosen.mean3:.3f})",
     ]
-    lines += _features_rule(ens)
+    lines += _adoption_rules(ens)
     out = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_crop.txt"))
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -197,6 +197,9 @@ class UNetConfig(_Section):
     # decoder level at H/4 (official: output_blocks[10] at 256 px); "last" = that level's last
     # block, before its upsampling layer.
     feature_tap: Literal["before_last", "last"] = "before_last"
+    # The decoder level the head reads, as the input's side over the level's: 4 = H/4 (the
+    # paper); 2 = H/2, a grid twice as fine for Eq. 11's feature term (ours, issue #8).
+    feature_stride: Literal[2, 4] = 4
 
     @model_validator(mode="after")
     def _tap_has_a_block(self) -> UNetConfig:

@@ -320,11 +320,11 @@ def train_model(
             t = torch.randint(0, train_schedule.num_timesteps, (x0.shape[0],), generator=draw)
             noise = torch.randn(x0.shape, generator=draw).to(device, non_blocking=True)
             lr_now = opt.param_groups[0]["lr"]
-            # F(x0) on the UNet's H/4 grid, from x0 itself or from it at features.image_size.
+            # F(x0) on the grid of the head's level (H/4, the paper), from x0 itself or from it
+            # at features.image_size.
             target_input = target_input.to(device=device, dtype=torch.float32, non_blocking=True)
-            grid = None if cfg.feature_image_size is None else x0.shape[-1] // 4
             with torch.no_grad(), autocast_context(device, cfg.train.amp):
-                target = feature_target(target_input, size=grid)
+                target = feature_target(target_input, size=x0.shape[-1] // cfg.unet.feature_stride)
             terms = training_losses(train_schedule, unet_fn, x0, t.to(device), y, target, noise=noise,
                                     feature_weight=cfg.train.feature_loss_weight)
             loss = terms["loss"].mean()

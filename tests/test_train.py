@@ -303,6 +303,40 @@ def test_feature_target_at_a_larger_size_is_trained_and_scored_there(home: Path,
     assert predicted.anomaly_maps.shape == (1, 32, 32) and np.isfinite(predicted.image_scores).all()
 
 
+def test_feature_head_on_the_half_resolution_level(home: Path, tmp_path: Path):
+    """unet.feature_stride=2: the head reads the decoder level at H/2, and the target is pooled
+    to that grid in training and scoring (16x16 for 32 px images, instead of 8x8)."""
+    from diffad_core.data import prepare_split
+    from diffad_core.nets.features import FeatureTarget
+    from diffad_core.score import component_maps
+
+    grids: list[tuple[int, ...]] = []
+    original = FeatureTarget.forward
+
+    def recording(self, x, size=None):
+        out = original(self, x, size)
+        grids.append(tuple(out.shape[-2:]))
+        return out
+
+    cfg = _cfg("unet.feature_stride=2", "features.image_size=48", "train.iterations=2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FeatureTarget, "forward", recording)
+        train_model(cfg, ["weave"], tmp_path / "s2", progress=False)
+        assert grids and set(grids) == {(16, 16)}
+        model = load_model(tmp_path / "s2", device="cpu")
+        test = prepare_split(model.cfg, "weave", "test")
+        images, big = torch.from_numpy(test.images[:2]), torch.from_numpy(test.feature_images[:2])
+        _, feat = model.unet(images, torch.zeros(2, dtype=torch.long))
+        assert feat.shape[-2:] == (16, 16)
+        grids.clear()
+        maps = component_maps(model, images, "weave", model.cfg.score, torch.Generator().manual_seed(0),
+                              feature_images=big)
+    assert set(grids) == {(16, 16)} and maps.feature.shape == (2, 32, 32)
+    assert torch.isfinite(maps.feature).all()
+    with pytest.raises(ValueError, match="feature_stride"):
+        load_config("smoke", overrides=["unet.feature_stride=3"])
+
+
 def test_training_fine_tunes_from_an_adm_checkpoint(home: Path, tmp_path: Path):
     """train.init_checkpoint: every tensor but the label embedding and the feature head is
     loaded from the file (OpenAI's layout), the report lands in the result and meta.json, and a

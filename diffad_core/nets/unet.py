@@ -8,7 +8,7 @@ names mirror the ADM reference (``time_embed``, ``input_blocks``, ``middle_block
 ADM checkpoint maps onto this model key by key.
 
 The feature head (METHOD.md §2) reads the decoder level whose resolution is 1/4 of the input
-(64x64 for 256 px). ``cfg.feature_tap`` picks the block: ``"before_last"`` is the block before
+(64x64 for 256 px; ``cfg.feature_stride=2``: the level at 1/2, ours). ``cfg.feature_tap`` picks the block: ``"before_last"`` is the block before
 the level's last one (the official code's ``output_blocks[10]`` at 256 px), ``"last"`` the
 level's last res/attention block, before its upsampling layer. The head is GroupNorm -> SiLU ->
 1x1 conv to ``feature_channels`` (not zero-initialised: it regresses the frozen backbone
@@ -254,11 +254,11 @@ class UNet(nn.Module):
             )
         if image_size % 4 != 0 or image_size // 4 < 1:
             raise ValueError(f"UNet: image_size={image_size} must be a positive multiple of 4")
-        feature_res = image_size // 4
+        feature_res = image_size // cfg.feature_stride
         level_res = [image_size >> level for level in range(n_levels)]
         if feature_res not in level_res:
             raise ValueError(
-                f"UNet: no decoder level at 1/4 of the input ({feature_res}x{feature_res} for "
+                f"UNet: no decoder level at 1/{cfg.feature_stride} of the input ({feature_res}x{feature_res} for "
                 f"image_size={image_size}); levels are at {level_res} px. Use at least 3 levels "
                 f"in unet.channel_mult (got {mults})"
             )
@@ -419,7 +419,7 @@ def model_summary(cfg: DiffadConfig) -> dict[str, Any]:
             "static_same_padding": cfg.features.static_same_padding,
         },
         "feature_channels": feature_channels,
-        "feature_resolution": size // 4,
+        "feature_resolution": size // cfg.unet.feature_stride,
         "feature_block": f"output_blocks[{model.feature_block}] ({cfg.unet.feature_tap})",
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameters_feature_head": head,
