@@ -41,9 +41,10 @@ EXTRA = [x for x in os.environ.get("TUNE_EXTRA", "").split(";") if x]
 # Round two (bench/tune_cpu_crop_rule.md), three (bench/tune_cpu_features_rule.md: the feature
 # target at a larger size) and four (bench/tune_cpu_grid_rule.md: the head on the H/2 grid); round one (bench/tune_cpu_rule.md, tune_cpu.txt) had "cap64"
 # and "cap128" (128 px whole images).
-TRAININGS = {"cap64": ["auto.max_image_size=64"],
-             "cap128-crop64": ["auto.max_image_size=128", "auto.train_crop=64"],
-             "cap256-crop64": ["auto.max_image_size=256", "auto.train_crop=64"],
+# The first three predate round three: their feature target sees the image itself.
+TRAININGS = {"cap64": ["auto.max_image_size=64", "auto.max_feature_size=null"],
+             "cap128-crop64": ["auto.max_image_size=128", "auto.train_crop=64", "auto.max_feature_size=null"],
+             "cap256-crop64": ["auto.max_image_size=256", "auto.train_crop=64", "auto.max_feature_size=null"],
              "feat128": ["auto.max_image_size=64", "auto.max_feature_size=128"],
              "feat256": ["auto.max_image_size=64", "auto.max_feature_size=256"],
              "grid32": ["auto.max_image_size=64", "auto.max_feature_size=256", "unet.feature_stride=2"]}
@@ -70,7 +71,7 @@ def _run(args: list[str], log: Path) -> float:
 
 
 def _larger_target(name: str) -> bool:
-    return any(s.startswith("auto.max_feature_size=") for s in TRAININGS[name])
+    return any(s.startswith("auto.max_feature_size=") and not s.endswith("=null") for s in TRAININGS[name])
 
 
 def _sets(name: str) -> list[str]:
