@@ -6,7 +6,8 @@ x_t = q_sample(x0, t, eps). Two maps come out of the UNet:
 - the KL map: ``KL(q(x_{t-1}|x_t,x0) || p_theta(x_{t-1}|x_t))`` per pixel and channel, in bits
   (``diffusion.kl_map_bits``), normalised per image by its own mean and std over C x H x W;
 - the feature map: ``mean_c (F_hat(x_t, t) - F(x0))^2`` on the comparison grid
-  (``score.feature_map_size``), upsampled bilinearly to H x W.
+  (``score.feature_map_size``, else the grid of the head's level), upsampled bilinearly to
+  H x W. With ``features.image_size`` F sees x0 at that larger size (``feature_images``).
 
 Both are averaged over t (the KL map also over channels) and mixed as Eq. 11:
 ``A = alpha * KL + (1 - alpha) * feature``, each optionally standardised first by its statistics
