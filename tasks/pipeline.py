@@ -67,8 +67,10 @@ def fit_config(cfg: DiffadConfig, data: PreparedData) -> DiffadConfig:
     located = cfg.with_changes({"data": {"root": data.root, "categories": data.categories}})
     fitted = fit_to_data(located, Path(data.root))
     if fitted is not located:
-        get_run_logger().info("fitted to the data: image size %d, UNet levels %s, %d training steps",
-                              fitted.data.image_size, fitted.unet.channel_mult, fitted.train.iterations)
+        get_run_logger().info("fitted to the data: image size %d, feature target at %d px, UNet levels %s, "
+                              "%d training steps", fitted.data.image_size,
+                              fitted.feature_image_size or fitted.data.image_size, fitted.unet.channel_mult,
+                              fitted.train.iterations)
     return fitted
 
 
@@ -202,11 +204,16 @@ def _weights_note(weights: list[WeightsInfo]) -> str:
 
 
 def _computation(cfg: DiffadConfig) -> str:
-    """Which of the two scorings a run's numbers come from (docs/method.md)."""
+    """Which of the two scorings a run's numbers come from (docs/method.md), and the sizes when
+    the feature target sees larger images than the UNet and PaDiM."""
     s = cfg.score
     official = s.official_timestep_quirk and s.feature_map_size == 16 and s.kl_unbiased_std
-    return ("the official code's computation" if official else
+    text = ("the official code's computation" if official else
             "refined scoring" + (", maps calibrated on held-out normals" if s.calibrate_maps else ""))
+    if cfg.feature_image_size is not None:
+        text += (f"; feature target on {cfg.feature_image_size} px images, "
+                 f"UNet and PaDiM on {cfg.data.image_size} px")
+    return text
 
 
 @task(name="build-report", cache_policy=NO_CACHE)
