@@ -229,8 +229,8 @@ def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Te
         model_out, feat_hat = in_chunks(unet_passes, [x_t, model_timesteps(s, t_idx), t_feature, y],
                                         micro_batch(device, h, w))
         # The comparison grid: score.feature_map_size, else the grid of the head's level.
-        feat_target = model.feature_target(target_input.to(device=device, dtype=torch.float32),
-                                           size=size or h // model.cfg.unet.feature_stride)
+        target_x = x0 if target_input is images else target_input.to(device=device, dtype=torch.float32)
+        feat_target = model.feature_target(target_x, size=size or h // model.cfg.unet.feature_stride)
     model_out, feat_hat, feat_target = model_out.float(), feat_hat.float(), feat_target.float()
 
     # Eq. 11, first term: KL in bits, normalised per image and t, then mean over t and channels.

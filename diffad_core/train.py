@@ -322,7 +322,8 @@ def train_model(
             lr_now = opt.param_groups[0]["lr"]
             # F(x0) on the grid of the head's level (H/4, the paper), from x0 itself or from it
             # at features.image_size.
-            target_input = target_input.to(device=device, dtype=torch.float32, non_blocking=True)
+            target_input = (x0 if cfg.feature_image_size is None
+                            else target_input.to(device=device, dtype=torch.float32, non_blocking=True))
             with torch.no_grad(), autocast_context(device, cfg.train.amp):
                 target = feature_target(target_input, size=x0.shape[-1] // cfg.unet.feature_stride)
             terms = training_losses(train_schedule, unet_fn, x0, t.to(device), y, target, noise=noise,
