@@ -8,13 +8,14 @@ names mirror the ADM reference (``time_embed``, ``input_blocks``, ``middle_block
 ADM checkpoint maps onto this model key by key.
 
 The feature head (METHOD.md §2) reads the decoder level whose resolution is 1/4 of the input
-(64x64 for 256 px; ``cfg.feature_stride=2``: the level at 1/2, ours). ``cfg.feature_tap`` picks the block: ``"before_last"`` is the block before
-the level's last one (the official code's ``output_blocks[10]`` at 256 px), ``"last"`` the
-level's last res/attention block, before its upsampling layer. The head is GroupNorm -> SiLU ->
-1x1 conv to ``feature_channels`` (not zero-initialised: it regresses the frozen backbone
-features). ``forward(..., feature_size=s)`` resizes the tapped map bilinearly to s x s *before*
-the head, as the official test script does (its ``feat_shape``, 16): GroupNorm statistics depend
-on the grid, so resizing the head's output instead would give different numbers.
+(64x64 for 256 px; ``cfg.feature_stride=2``: the level at 1/2, ours). ``cfg.feature_tap`` picks
+the block: ``"before_last"`` is the block before the level's last one (the official code's
+``output_blocks[10]`` at 256 px), ``"last"`` the level's last res/attention block, before its
+upsampling layer. The head is GroupNorm -> SiLU -> 1x1 conv to ``feature_channels`` (not
+zero-initialised: it regresses the frozen backbone features). ``forward(..., feature_size=s)``
+resizes the tapped map bilinearly to s x s *before* the head, as the official test script does
+(its ``feat_shape``, 16): GroupNorm statistics depend on the grid, so resizing the head's output
+instead would give different numbers.
 """
 
 from __future__ import annotations
