@@ -250,18 +250,9 @@ def test_training_on_crops_scores_whole_images(home: Path, tmp_path: Path):
     assert seen and all(s == (32, 32) for s in seen)
 
 
-def test_feature_target_at_a_larger_size_is_trained_and_scored_there(home: Path, tmp_path: Path):
-    """features.image_size: the UNet sees 32 px images, the feature target the same images at
-    48 px (training, calibration, scoring and predict), compared on the UNet's 8x8 grid."""
-    import io
-
-    from PIL import Image
-
-    from diffad_core.data import prepare_split
+def _record_feature_target_shapes(mp: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Patch FeatureTarget.forward to record (input H, W, output grid h, w) of every call."""
     from diffad_core.nets.features import FeatureTarget
-    from diffad_core.score import component_maps, score_split
-    from diffad_core.usecases import EvaluationModel, predict_images
-    from diffad_core.validation import calibrate
 
     seen: list[tuple[int, ...]] = []
     original = FeatureTarget.forward
@@ -271,9 +262,25 @@ def test_feature_target_at_a_larger_size_is_trained_and_scored_there(home: Path,
         seen.append((*x.shape[-2:], *out.shape[-2:]))
         return out
 
+    mp.setattr(FeatureTarget, "forward", recording)
+    return seen
+
+
+def test_feature_target_at_a_larger_size_is_trained_and_scored_there(home: Path, tmp_path: Path):
+    """features.image_size: the UNet sees 32 px images, the feature target the same images at
+    48 px (training, calibration, scoring and predict), compared on the UNet's 8x8 grid."""
+    import io
+
+    from PIL import Image
+
+    from diffad_core.data import prepare_split
+    from diffad_core.score import component_maps, score_split
+    from diffad_core.usecases import EvaluationModel, predict_images
+    from diffad_core.validation import calibrate
+
     cfg = _cfg("features.image_size=48", "train.iterations=2", "score.calibrate_maps=true")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FeatureTarget, "forward", recording)
+        seen = _record_feature_target_shapes(mp)
         train_model(cfg, ["weave"], tmp_path / "f48", progress=False)
         assert seen and all(s == (48, 48, 8, 8) for s in seen)  # training: 48 px in, H/4 of 32 out
         model = load_model(tmp_path / "f48", device="cpu")
@@ -307,31 +314,23 @@ def test_feature_head_on_the_half_resolution_level(home: Path, tmp_path: Path):
     """unet.feature_stride=2: the head reads the decoder level at H/2, and the target is pooled
     to that grid in training and scoring (16x16 for 32 px images, instead of 8x8)."""
     from diffad_core.data import prepare_split
-    from diffad_core.nets.features import FeatureTarget
     from diffad_core.score import component_maps
-
-    grids: list[tuple[int, ...]] = []
-    original = FeatureTarget.forward
-
-    def recording(self, x, size=None):
-        out = original(self, x, size)
-        grids.append(tuple(out.shape[-2:]))
-        return out
 
     cfg = _cfg("unet.feature_stride=2", "features.image_size=48", "train.iterations=2")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FeatureTarget, "forward", recording)
+        seen = _record_feature_target_shapes(mp)
         train_model(cfg, ["weave"], tmp_path / "s2", progress=False)
+        grids = [s[2:] for s in seen]
         assert grids and set(grids) == {(16, 16)}
         model = load_model(tmp_path / "s2", device="cpu")
         test = prepare_split(model.cfg, "weave", "test")
         images, big = torch.from_numpy(test.images[:2]), torch.from_numpy(test.feature_images[:2])
         _, feat = model.unet(images, torch.zeros(2, dtype=torch.long))
         assert feat.shape[-2:] == (16, 16)
-        grids.clear()
+        seen.clear()
         maps = component_maps(model, images, "weave", model.cfg.score, torch.Generator().manual_seed(0),
                               feature_images=big)
-    assert set(grids) == {(16, 16)} and maps.feature.shape == (2, 32, 32)
+    assert {s[2:] for s in seen} == {(16, 16)} and maps.feature.shape == (2, 32, 32)
     assert torch.isfinite(maps.feature).all()
     with pytest.raises(ValueError, match="feature_stride"):
         load_config("smoke", overrides=["unet.feature_stride=3"])
