@@ -52,13 +52,16 @@ TRAININGS = {"cap64": ["auto.max_image_size=64", "auto.max_feature_size=null"],
 ONLY = [x for x in os.environ.get("TUNE_TRAININGS", "").split(",") if x]
 if ONLY:
     TRAININGS = {name: TRAININGS[name] for name in ONLY}
-# Scoring settings tried on every trained model: (calibrate, Ours*, image-score blur sigma).
-# "Ours*" is not defined with a larger feature target (it paints defects at the image size).
+# Scoring settings tried on every trained model: (calibrate, Ours*, image-score blur sigma,
+# feature whitening). "Ours*" is not defined with a larger feature target (it paints defects at
+# the image size). Round five (bench/tune_cpu_whiten_rule.md) added the whitened residuals.
 SCORINGS = {
-    "raw": (False, False, 0.0),
-    "calibrated": (True, False, 0.0),
-    "calibrated+blur": (True, False, 2.0),
-    "calibrated+ours*": (True, True, 0.0),
+    "raw": (False, False, 0.0, "none"),
+    "calibrated": (True, False, 0.0, "none"),
+    "calibrated+blur": (True, False, 2.0, "none"),
+    "calibrated+ours*": (True, True, 0.0, "none"),
+    "whiten-diag": (True, False, 0.0, "diagonal"),
+    "whiten-full": (True, False, 0.0, "full"),
 }
 
 
@@ -104,23 +107,24 @@ def _evaluate(job: tuple[str, str]) -> list[dict]:
     ev = load_for_evaluation(HOME / "ck" / name / category)
     cfg, model = ev.cfg, ev.model
     prepared = prepare_split(cfg, category, "test")
-    calibration = calibrate(model, cfg, category)
     rows = []
     start = time.perf_counter()
-    for scoring, (calibrated, ours, sigma) in SCORINGS.items():
+    calibrations = {}
+    for scoring, (calibrated, ours, sigma, whitening) in SCORINGS.items():
         if ours and _larger_target(name):
             continue
-        cal = calibration if calibrated else None
+        settings = cfg.score.model_copy(update={"image_score_sigma": sigma, "feature_whitening": whitening})
+        if whitening not in calibrations:
+            calibrations[whitening] = calibrate(model, cfg.model_copy(update={"score": settings}), category)
+        cal = calibrations[whitening] if calibrated else None
         alpha = choose_alpha(model, cfg, category, cal).alpha if ours else cfg.score.alpha
-        settings = cfg.score.model_copy(update={"image_score_sigma": sigma})
         recs = list(score_split(model, prepared, settings, alpha=alpha, calibration=cal,
                                 seed=cfg.seed, progress=False))
         masks = np.stack([r.mask for r in recs])
         labels = np.array([r.label for r in recs])
         scorers = {"ensemble": ([r.anomaly_map for r in recs], [r.image_score for r in recs])}
-        if scoring == "raw":
-            for ab in ("kl", "feature", "padim"):
-                scorers[ab] = ([r.ablation_maps[ab] for r in recs], [r.ablation_scores[ab] for r in recs])
+        for ab in ("kl", "feature", "padim") if scoring == "raw" else ("feature",) if whitening != "none" else ():
+            scorers[ab] = ([r.ablation_maps[ab] for r in recs], [r.ablation_scores[ab] for r in recs])
         for scorer, (maps, scores) in scorers.items():
             m = np.stack(maps).astype(np.float32)
             rows.append({"training": name, "scoring": scoring, "scorer": scorer, "category": category,
@@ -160,6 +164,26 @@ def _adoption_rules(ens: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _whitening_rule(ens: pd.DataFrame) -> list[str]:
+    """Round five (bench/tune_cpu_whiten_rule.md): on the same feat256 models, a whitening is
+    adopted only if it beats plain calibrated maps by more than 0.01; diagonal unless full beats
+    it by more than 0.01."""
+    means = ens[ens.training == "feat256"].set_index("scoring").mean3
+    if not {"calibrated", "whiten-diag", "whiten-full"} <= set(means.index):
+        return []
+    base = means["calibrated"]
+    winners = [k for k in ("whiten-diag", "whiten-full") if means[k] > base + 0.01]
+    if not winners:
+        verdict = "neither beats calibrated maps by more than 0.01: the preset keeps feature_whitening=none"
+    elif "whiten-diag" in winners and means["whiten-full"] <= means["whiten-diag"] + 0.01:
+        verdict = "whiten-diag is adopted (feature_whitening=diagonal)"
+    else:
+        verdict = "whiten-full is adopted (feature_whitening=full)"
+    return ["", "rule (bench/tune_cpu_whiten_rule.md), feat256 ensemble mean3: calibrated "
+            f"{base:.3f} (0.937 recorded in bench/tune_cpu_features.txt), whiten-diag "
+            f"{means['whiten-diag']:.3f}, whiten-full {means['whiten-full']:.3f}: {verdict}"]
+
+
 def main() -> int:
     HOME.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DIFFAD_HOME=str(HOME))
@@ -196,7 +220,7 @@ def main() -> int:
         f"best: {best.training} / {best.scoring} (mean3 {best.mean3:.3f}); "
         f"chosen by the crop rule: {chosen.training} / {chosen.scoring} (mean3 {chosen.mean3:.3f})",
     ]
-    lines += _adoption_rules(ens)
+    lines += _adoption_rules(ens) + _whitening_rule(ens)
     out = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_crop.txt"))
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -249,6 +249,10 @@ class ScoreConfig(_Section):
     # Put the KL and feature maps on one scale before Eq. 11: each standardised by its mean and
     # std over the held-out normal training images (ours; the paper mixes raw scales).
     calibrate_maps: bool = False
+    # Weigh Eq. 11's feature residual by its second moments on those held-out normals, per
+    # scoring step: per channel ("diagonal") or as a C x C matrix ("full"); "none": the paper's
+    # plain mean over channels (ours, docs/method.md "Whitened feature residual").
+    feature_whitening: Literal["none", "diagonal", "full"] = "none"
     top_k: int | None = None  # None: 64 at 256x256, scaled with the image area
     # Image score: mean of the top-k pixels of A (the code), optionally after a Gaussian blur of A
     # with this sigma in pixels at the scored size (0: none, as in the code).
@@ -278,6 +282,13 @@ class ScoreConfig(_Section):
         if v is not None and v < 1:
             raise ValueError("feature_map_size must be >= 1 or null")
         return v
+
+    @model_validator(mode="after")
+    def _whitening_needs_calibration(self) -> ScoreConfig:
+        if self.feature_whitening != "none" and not self.calibrate_maps:
+            raise ValueError("feature_whitening needs calibrate_maps=true: its statistics come from "
+                             "the held-out normal images the calibration uses")
+        return self
 
 
 class PadimConfig(_Section):

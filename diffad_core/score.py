@@ -11,7 +11,9 @@ x_t = q_sample(x0, t, eps). Two maps come out of the UNet:
 
 Both are averaged over t (the KL map also over channels) and mixed as Eq. 11:
 ``A = alpha * KL + (1 - alpha) * feature``, each optionally standardised first by its statistics
-on held-out normal images (``MapCalibration``, ``validation.py``). The image score is the mean of
+on held-out normal images (``MapCalibration``, ``validation.py``). With
+``score.feature_whitening`` the squared error over channels is weighed by the residual's second
+moments on those images (``FeatureWhitening``; ours). The image score is the mean of
 the top-k pixels of A (optionally blurred first).
 
 ``paper`` runs the official code's two UNet passes per t: the KL pass with the mapped step
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,30 +46,83 @@ _VARIANTS: dict[str, dict[str, object]] = {
 
 
 @dataclass(frozen=True)
+class FeatureWhitening:
+    """How Eq. 11's feature residual ``r = F_hat - F`` is weighed (ours, issue #8;
+    docs/method.md "Whitened feature residual"): ``kind`` "diagonal" holds ``precision`` (|T|, C),
+    the inverse mean square of each channel at each scoring step on held-out normals, and the
+    term is ``mean_c r_c^2 * precision_{t,c}``; "full" holds (|T|, C, C), the inverse of the
+    residual's second-moment matrix (shrunk towards its mean variance), and the term is
+    ``r^T P_t r / C``."""
+
+    kind: Literal["diagonal", "full"]
+    precision: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "precision": self.precision.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureWhitening:
+        return cls(kind=data["kind"], precision=torch.tensor(data["precision"], dtype=torch.float32))
+
+
+# "full": the second-moment matrix plus this fraction of its mean variance on the diagonal, so a
+# few held-out images give an invertible, well-conditioned matrix (as PaDiM's eps * I).
+_FULL_SHRINKAGE = 0.01
+
+
+def fit_feature_whitening(residual: torch.Tensor, kind: Literal["diagonal", "full"]) -> FeatureWhitening:
+    """The weights of :class:`FeatureWhitening` from the residuals of normal images,
+    (|T|, N, C, g, g) as ``ComponentMaps.feature_residual``."""
+    n_t, _, c = residual.shape[:3]
+    vectors = residual.double().permute(0, 1, 3, 4, 2).reshape(n_t, -1, c)  # (|T|, N*g*g, C)
+    if kind == "diagonal":
+        precision = 1.0 / vectors.pow(2).mean(dim=1).clamp_min(1e-12)
+    else:
+        moments = vectors.transpose(1, 2) @ vectors / vectors.shape[1]  # (|T|, C, C)
+        ridge = _FULL_SHRINKAGE * moments.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+        precision = torch.linalg.inv(moments + ridge.view(-1, 1, 1) * torch.eye(c, dtype=torch.float64))
+    return FeatureWhitening(kind=kind, precision=precision.float())
+
+
+@dataclass(frozen=True)
 class MapCalibration:
     """Statistics of the KL and feature maps on held-out normal images (ours, issue #8):
     Eq. 11 mixes ``(KL - kl_mean) / kl_std`` and ``(feature - feature_mean) / feature_std``,
-    so alpha weighs two maps of one scale on every dataset."""
+    so alpha weighs two maps of one scale on every dataset. ``whitening``: the weights of the
+    feature residual (``score.feature_whitening``); the feature statistics are of the map it
+    gives."""
 
     kl_mean: float
     kl_std: float
     feature_mean: float
     feature_std: float
     n_images: int = 0
+    whitening: FeatureWhitening | None = None
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return {"kl_mean": self.kl_mean, "kl_std": self.kl_std, "feature_mean": self.feature_mean,
-                "feature_std": self.feature_std, "n_images": self.n_images}
+                "feature_std": self.feature_std, "n_images": self.n_images,
+                "whitening": self.whitening.to_dict() if self.whitening else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MapCalibration:
+        whitening = data.get("whitening")
+        return cls(kl_mean=float(data["kl_mean"]), kl_std=float(data["kl_std"]),
+                   feature_mean=float(data["feature_mean"]), feature_std=float(data["feature_std"]),
+                   n_images=int(data.get("n_images", 0)),
+                   whitening=FeatureWhitening.from_dict(whitening) if whitening else None)
 
 
 @dataclass
 class ComponentMaps:
     """The two terms of Eq. 11 and the RGB error of a batch, each (B, H, W) float32 on CPU.
-    ``rgb`` is None unless asked for."""
+    ``rgb`` is None unless asked for; ``feature_residual`` ``F_hat - F`` on the comparison grid,
+    (|T|, B, C, g, g), likewise."""
 
     kl: torch.Tensor
     feature: torch.Tensor
     rgb: torch.Tensor | None = None
+    feature_residual: torch.Tensor | None = None
 
 
 @dataclass
@@ -165,6 +221,8 @@ def component_maps(
     noise: torch.Tensor | None = None,
     with_rgb: bool = False,
     feature_images: torch.Tensor | None = None,
+    whitening: FeatureWhitening | None = None,
+    with_residual: bool = False,
 ) -> ComponentMaps:
     """The two terms of Eq. 11 for a batch of images in [-1, 1] (B, 3, H, W), averaged over t.
 
@@ -172,6 +230,8 @@ def component_maps(
     ``generator`` (the same seed gives the same maps on every device). ``with_rgb`` also returns
     ``|x0_hat - x0|`` from the KL pass (an ablation scorer). ``feature_images``: the same images
     at ``features.image_size`` (B, 3, F, F), required when the model's target is computed there.
+    ``whitening`` weighs the feature residual (:func:`feature_term`); ``with_residual`` also
+    returns the residual itself (to fit a whitening on normal images).
     """
     steps = [int(t) for t in model.cfg.diffusion.score_timesteps]
     _check_inputs(model, images, steps)
@@ -194,14 +254,17 @@ def component_maps(
     group = b if chunk is None else max(1, chunk // len(steps))
     target_input = images if target_size is None else feature_images
     parts = [_group_maps(model, images[i:i + group], target_input[i:i + group], category, settings, steps,
-                         noise[:, i:i + group], with_rgb)
+                         noise[:, i:i + group], with_rgb, whitening, with_residual)
              for i in range(0, b, group)]
     return ComponentMaps(kl=torch.cat([m.kl for m in parts]), feature=torch.cat([m.feature for m in parts]),
-                         rgb=torch.cat([m.rgb for m in parts]) if with_rgb else None)
+                         rgb=torch.cat([m.rgb for m in parts]) if with_rgb else None,
+                         feature_residual=(torch.cat([m.feature_residual for m in parts], dim=1)
+                                           if with_residual else None))
 
 
 def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Tensor, category: str,
-                settings: ScoreConfig, steps: list[int], noise: torch.Tensor, with_rgb: bool) -> ComponentMaps:
+                settings: ScoreConfig, steps: list[int], noise: torch.Tensor, with_rgb: bool,
+                whitening: FeatureWhitening | None, with_residual: bool) -> ComponentMaps:
     """``component_maps`` of one group of images, all scoring steps batched in t-major order;
     ``target_input`` is what the feature target sees (the images, or them at its own size)."""
     s, device = model.schedule, model.device
@@ -238,20 +301,41 @@ def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Te
                               settings.kl_unbiased_std)
     kl_map = kl.mean(dim=1).view(n_t, b, h, w).mean(dim=0)
 
-    # Eq. 11, second term: squared error over the feature channels, upsampled, mean over t.
+    # Eq. 11, second term, from the residual of the feature head.
     if feat_hat.shape[1:] != feat_target.shape[1:]:
         raise ValueError(f"UNet feature head gives {tuple(feat_hat.shape[1:])} but the feature "
                          f"target gives {tuple(feat_target.shape[1:])}")
-    err = (feat_hat.view(n_t, b, *feat_hat.shape[1:]) - feat_target).pow(2).mean(dim=2)
-    err = F.interpolate(err.view(n_t * b, 1, *err.shape[2:]), size=(h, w), mode="bilinear",
-                        align_corners=False)
-    feature_map = err[:, 0].view(n_t, b, h, w).mean(dim=0)
+    residual = feat_hat.view(n_t, b, *feat_hat.shape[1:]) - feat_target
+    feature_map = feature_term(residual, whitening, (h, w))
 
     rgb_map = None
     if with_rgb:
         pred_x0 = p_mean_variance(s, model_out, x_t, t_idx, clip=True)["pred_x0"]
         rgb_map = (pred_x0.float() - x0_rep).abs().mean(dim=1).view(n_t, b, h, w).mean(dim=0).cpu()
-    return ComponentMaps(kl=kl_map.cpu(), feature=feature_map.cpu(), rgb=rgb_map)
+    return ComponentMaps(kl=kl_map.cpu(), feature=feature_map.cpu(), rgb=rgb_map,
+                         feature_residual=residual.cpu() if with_residual else None)
+
+
+def feature_term(residual: torch.Tensor, whitening: FeatureWhitening | None,
+                 size: tuple[int, int]) -> torch.Tensor:
+    """Eq. 11's second term from the residual ``F_hat - F`` (|T|, B, C, g, g): the squared error
+    over channels at each t (the paper's mean over channels, or weighted by ``whitening``),
+    upsampled bilinearly to ``size``, then the mean over t: (B, H, W)."""
+    n_t, b, c = residual.shape[:3]
+    if whitening is None:
+        err = residual.pow(2).mean(dim=2)
+    else:
+        precision = whitening.precision.to(device=residual.device, dtype=residual.dtype)
+        if tuple(precision.shape[:2]) != (n_t, c):
+            raise ValueError(f"the feature whitening was fitted for {tuple(precision.shape[:2])} "
+                             f"(scoring steps, channels), the residual has {(n_t, c)}")
+        if whitening.kind == "diagonal":
+            err = (residual.pow(2) * precision[:, None, :, None, None]).mean(dim=2)
+        else:
+            err = torch.einsum("tbcxy,tcd,tbdxy->tbxy", residual, precision, residual) / c
+    err = F.interpolate(err.reshape(n_t * b, 1, *err.shape[2:]), size=size, mode="bilinear",
+                        align_corners=False)
+    return err[:, 0].view(n_t, b, *size).mean(dim=0)
 
 
 def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration | None = None) -> torch.Tensor:
@@ -291,8 +375,10 @@ def score_batch(
     n_t = len(model.cfg.diffusion.score_timesteps)
     # One draw of the forward noise for Eq. 11 and for every variant of it (same x_t).
     noise = torch.randn((n_t, *images.shape), generator=generator, dtype=torch.float32)
+    whitening = calibration.whitening if calibration is not None else None
     maps = component_maps(model, images, category, settings, noise=noise,
-                          with_rgb="rgb" in settings.ablations, feature_images=feature_images)
+                          with_rgb="rgb" in settings.ablations, feature_images=feature_images,
+                          whitening=whitening)
     anomaly = anomaly_map(maps, alpha, calibration)
     ablations: dict[str, torch.Tensor] = {}
     for name in settings.ablations:
@@ -303,7 +389,7 @@ def score_batch(
         elif name in _VARIANTS:
             variant = settings.model_copy(update=_VARIANTS[name])
             ablations[name] = anomaly_map(component_maps(model, images, category, variant, noise=noise,
-                                                         feature_images=feature_images),
+                                                         feature_images=feature_images, whitening=whitening),
                                           alpha, calibration)
         else:
             ablations[name] = maps.kl if name == "kl" else maps.feature

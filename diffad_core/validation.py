@@ -27,7 +27,15 @@ from diffad_core.data import PreparedSplit, prepare_split
 from diffad_core.data.synth.defects import paint_defects
 from diffad_core.metrics import pixel_auroc, pro_score
 from diffad_core.model import DiffadModel
-from diffad_core.score import ComponentMaps, MapCalibration, anomaly_map, component_maps
+from diffad_core.score import (
+    ComponentMaps,
+    FeatureWhitening,
+    MapCalibration,
+    anomaly_map,
+    component_maps,
+    feature_term,
+    fit_feature_whitening,
+)
 
 ALPHA_SOURCE = "synthetic anomalies on held-out train/good"
 SCORING_FIT_FOLDER = "scoring"
@@ -79,25 +87,37 @@ def held_out_normals(model: DiffadModel, cfg: DiffadConfig, category: str) -> Pr
 
 
 def _maps_of(model: DiffadModel, cfg: DiffadConfig, category: str, images: np.ndarray,
-             feature_images: np.ndarray | None = None) -> ComponentMaps:
+             feature_images: np.ndarray | None = None, *, whitening: FeatureWhitening | None = None,
+             with_residual: bool = False) -> ComponentMaps:
     generator = torch.Generator().manual_seed(int(cfg.seed))
     parts = []
     for start in range(0, len(images), cfg.score.batch_size):
         rows = slice(start, start + cfg.score.batch_size)
         batch = torch.from_numpy(np.ascontiguousarray(images[rows]))
         targets = None if feature_images is None else torch.from_numpy(np.ascontiguousarray(feature_images[rows]))
-        parts.append(component_maps(model, batch, category, cfg.score, generator, feature_images=targets))
-    return ComponentMaps(kl=torch.cat([p.kl for p in parts]), feature=torch.cat([p.feature for p in parts]))
+        parts.append(component_maps(model, batch, category, cfg.score, generator, feature_images=targets,
+                                    whitening=whitening, with_residual=with_residual))
+    return ComponentMaps(kl=torch.cat([p.kl for p in parts]), feature=torch.cat([p.feature for p in parts]),
+                         feature_residual=(torch.cat([p.feature_residual for p in parts], dim=1)
+                                           if with_residual else None))
 
 
 def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibration:
-    """Mean and std of each Eq. 11 term over every pixel of the held-out normal images."""
+    """Mean and std of each Eq. 11 term over every pixel of the held-out normal images; with
+    ``score.feature_whitening``, first the residual's weights from the same images and maps
+    (the feature statistics are then those of the weighted term)."""
     normal = held_out_normals(model, cfg, category)
-    maps = _maps_of(model, cfg, category, normal.images, normal.feature_images)
+    kind = cfg.score.feature_whitening
+    maps = _maps_of(model, cfg, category, normal.images, normal.feature_images,
+                    with_residual=kind != "none")
+    whitening, feature = None, maps.feature
+    if kind != "none":
+        whitening = fit_feature_whitening(maps.feature_residual, kind)
+        feature = feature_term(maps.feature_residual, whitening, tuple(maps.feature.shape[-2:]))
     return MapCalibration(
         kl_mean=float(maps.kl.mean()), kl_std=max(float(maps.kl.std()), 1e-12),
-        feature_mean=float(maps.feature.mean()), feature_std=max(float(maps.feature.std()), 1e-12),
-        n_images=len(normal),
+        feature_mean=float(feature.mean()), feature_std=max(float(feature.std()), 1e-12),
+        n_images=len(normal), whitening=whitening,
     )
 
 
@@ -125,7 +145,7 @@ def choose_alpha(model: DiffadModel, cfg: DiffadConfig, category: str,
     anomalous, anomaly_masks = paint_defects(normal, seed=int(cfg.seed) + 7919)
     images = np.concatenate([normal, anomalous], axis=0)
     masks = np.concatenate([np.zeros_like(anomaly_masks), anomaly_masks], axis=0)
-    maps = _maps_of(model, cfg, category, images)
+    maps = _maps_of(model, cfg, category, images, whitening=calibration.whitening if calibration else None)
 
     pro: dict[float, float] = {}
     auroc: dict[float, float] = {}
@@ -160,7 +180,7 @@ class ScoringFit:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoringFit:
         cal, choice = data.get("calibration"), data.get("alpha_choice")
-        return cls(calibration=MapCalibration(**cal) if cal else None,
+        return cls(calibration=MapCalibration.from_dict(cal) if cal else None,
                    alpha_choice=AlphaChoice.from_dict(choice) if choice else None)
 
 
