@@ -53,8 +53,8 @@ ONLY = [x for x in os.environ.get("TUNE_TRAININGS", "").split(",") if x]
 if ONLY:
     TRAININGS = {name: TRAININGS[name] for name in ONLY}
 # Scoring settings tried on every trained model: (calibrate, Ours*, image-score blur sigma,
-# feature whitening). "Ours*" is not defined with a larger feature target (it paints defects at
-# the image size). Round five (bench/tune_cpu_whiten_rule.md) added the whitened residuals.
+# feature whitening). Round five (bench/tune_cpu_whiten_rule.md) added the whitened residuals,
+# round six (bench/tune_cpu_ours_rule.md) "Ours*" on them (its defects painted at the target's size).
 SCORINGS = {
     "raw": (False, False, 0.0, "none"),
     "calibrated": (True, False, 0.0, "none"),
@@ -62,6 +62,7 @@ SCORINGS = {
     "calibrated+ours*": (True, True, 0.0, "none"),
     "whiten-diag": (True, False, 0.0, "diagonal"),
     "whiten-full": (True, False, 0.0, "full"),
+    "whiten-full+ours*": (True, True, 0.0, "full"),
 }
 
 
@@ -111,8 +112,6 @@ def _evaluate(job: tuple[str, str]) -> list[dict]:
     start = time.perf_counter()
     calibrations = {}
     for scoring, (calibrated, ours, sigma, whitening) in SCORINGS.items():
-        if ours and _larger_target(name):
-            continue
         settings = cfg.score.model_copy(update={"image_score_sigma": sigma, "feature_whitening": whitening})
         if whitening not in calibrations:
             calibrations[whitening] = calibrate(model, cfg.model_copy(update={"score": settings}), category)
@@ -184,6 +183,19 @@ def _whitening_rule(ens: pd.DataFrame) -> list[str]:
             f"{means['whiten-diag']:.3f}, whiten-full {means['whiten-full']:.3f}: {verdict}"]
 
 
+def _ours_rule(ens: pd.DataFrame) -> list[str]:
+    """Round six (bench/tune_cpu_ours_rule.md): on the same feat256 models, "Ours*" is adopted
+    only if it beats round five's preset (whitened, calibrated, alpha 0.5) by more than 0.01."""
+    means = ens[ens.training == "feat256"].set_index("scoring").mean3
+    if not {"whiten-full", "whiten-full+ours*"} <= set(means.index):
+        return []
+    base, ours = means["whiten-full"], means["whiten-full+ours*"]
+    verdict = ("Ours* is adopted (score.alpha_per_category=true)" if ours > base + 0.01 else
+               "Ours* does not beat alpha 0.5 by more than 0.01: the preset keeps alpha 0.5")
+    return ["", f"rule (bench/tune_cpu_ours_rule.md), feat256 ensemble mean3: whiten-full {base:.3f} "
+            f"(0.957 recorded in bench/tune_cpu_whiten.txt), whiten-full+ours* {ours:.3f}: {verdict}"]
+
+
 def main() -> int:
     HOME.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DIFFAD_HOME=str(HOME))
@@ -220,7 +232,7 @@ def main() -> int:
         f"best: {best.training} / {best.scoring} (mean3 {best.mean3:.3f}); "
         f"chosen by the crop rule: {chosen.training} / {chosen.scoring} (mean3 {chosen.mean3:.3f})",
     ]
-    lines += _adoption_rules(ens) + _whitening_rule(ens)
+    lines += _adoption_rules(ens) + _whitening_rule(ens) + _ours_rule(ens)
     out = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_crop.txt"))
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

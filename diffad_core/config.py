@@ -286,8 +286,9 @@ class ScoreConfig(_Section):
     @model_validator(mode="after")
     def _whitening_needs_calibration(self) -> ScoreConfig:
         if self.feature_whitening != "none" and not self.calibrate_maps:
-            raise ValueError("feature_whitening needs calibrate_maps=true: its statistics come from "
-                             "the held-out normal images the calibration uses")
+            raise ValueError(f"score.feature_whitening={self.feature_whitening} needs "
+                             "score.calibrate_maps=true: its statistics come from the held-out "
+                             "normal images the calibration uses")
         return self
 
 
@@ -395,9 +396,6 @@ class DiffadConfig(_Section):
             if crop is not None:
                 raise ValueError("features.image_size and data.train_crop cannot be combined "
                                  "(a crop of the larger target is not defined)")
-            if self.score.alpha_per_category:
-                raise ValueError("features.image_size and score.alpha_per_category cannot be "
-                                 "combined (\"Ours*\" paints its defects at data.image_size)")
         return self
 
     @property

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from diffad_core.config import ConfigError, DiffadConfig
+from diffad_core.config import DiffadConfig
 from diffad_core.data.io import image_size
 from diffad_core.data.layouts import list_samples
 
@@ -90,9 +90,6 @@ def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
     size = fitted_image_size(native, cfg.auto.max_image_size)
     crop = cfg.auto.train_crop if cfg.auto.train_crop and cfg.auto.train_crop < size else None
     feature_size = None
-    if cfg.auto.max_feature_size and cfg.score.alpha_per_category:
-        raise ConfigError('score.alpha_per_category ("Ours*") paints its defects at the image size, so '
-                          "the feature target must see that size too: add --set auto.max_feature_size=null")
     if cfg.auto.max_feature_size and crop is None:
         feature_size = fitted_image_size(native, cfg.auto.max_feature_size)
         feature_size = feature_size if feature_size > size else None

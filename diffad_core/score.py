@@ -45,7 +45,7 @@ _VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FeatureWhitening:
     """How Eq. 11's feature residual ``r = F_hat - F`` is weighed (ours, issue #8;
     docs/method.md "Whitened feature residual"): ``kind`` "diagonal" holds ``precision`` (|T|, C),
@@ -56,6 +56,12 @@ class FeatureWhitening:
 
     kind: Literal["diagonal", "full"]
     precision: torch.Tensor
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, FeatureWhitening) and self.kind == other.kind
+                and torch.equal(self.precision, other.precision))
+
+    __hash__ = None  # mutable tensor inside: not hashable
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "precision": self.precision.tolist()}

@@ -12,6 +12,7 @@ settings in the checkpoint folder), so a model scores new images without its tra
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,13 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffad_core._atomic import atomic_write_text
 from diffad_core.config import DiffadConfig
 from diffad_core.data import PreparedSplit, prepare_split
+from diffad_core.data.io import load_image, load_mask
 from diffad_core.data.synth.defects import paint_defects
 from diffad_core.metrics import pixel_auroc, pro_score
 from diffad_core.model import DiffadModel
+from diffad_core.overlay import to_uint8_image
 from diffad_core.score import (
     ComponentMaps,
     FeatureWhitening,
@@ -121,6 +125,26 @@ def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibr
     )
 
 
+def _decoded(images: np.ndarray, masks: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Painted images in [-1, 1] (N, 3, S, S) and their masks as ``prepare_split`` would read
+    them from files: 8-bit PNG, decoded by ``load_image`` / ``load_mask`` at ``size`` (None:
+    as they are)."""
+    n, side = len(images), size or images.shape[-1]
+    out = np.empty((n, 3, side, side), np.float32)
+    out_masks = np.empty((n, side, side), np.uint8)
+    for i in range(n):
+        name = f"synthetic defect {i}"
+        out[i] = load_image(name, size, data=_png(to_uint8_image(images[i]))).transpose(2, 0, 1) * 2.0 - 1.0
+        out_masks[i] = load_mask(name, size, data=_png(masks[i] * np.uint8(255)))
+    return out, out_masks
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _better(cand: tuple[float, float, float], best: tuple[float, float, float]) -> bool:
     """Order (pro, auroc, -|alpha - 0.5|) with a small tolerance on the metrics."""
     tol = 1e-9
@@ -135,17 +159,28 @@ def _better(cand: tuple[float, float, float], best: tuple[float, float, float]) 
 def choose_alpha(model: DiffadModel, cfg: DiffadConfig, category: str,
                  calibration: MapCalibration | None = None) -> AlphaChoice:
     """"Ours*": the alpha of ``cfg.score.alpha_grid`` with the best PRO on the held-out normals
-    plus a copy of each with a synthetic defect; ties go to pixel AUROC, then to the alpha
-    nearest 0.5. Each image is scored once; the maps are recombined for every alpha."""
+    plus a copy of each with a synthetic defect (painted at ``features.image_size`` when the
+    target is computed there); ties go to pixel AUROC, then to the alpha nearest 0.5. Each
+    image is scored once; the maps are recombined for every alpha."""
     grid = [float(a) for a in cfg.score.alpha_grid]
     if not grid:
         raise ValueError("score.alpha_grid is empty")
-    # At data.image_size only: the config rejects "Ours*" with features.image_size.
-    normal = held_out_normals(model, cfg, category).images
-    anomalous, anomaly_masks = paint_defects(normal, seed=int(cfg.seed) + 7919)
+    held_out = held_out_normals(model, cfg, category)
+    normal, seed = held_out.images, int(cfg.seed) + 7919
+    if held_out.feature_images is None:
+        anomalous, anomaly_masks = paint_defects(normal, seed=seed)
+        feature_images = None
+    else:
+        # The defects are painted where the target looks (features.image_size); the UNet's
+        # image is derived from the painted one as prepare_split derives it from a file.
+        painted, painted_masks = paint_defects(held_out.feature_images, seed=seed)
+        large, _ = _decoded(painted, painted_masks, None)
+        anomalous, anomaly_masks = _decoded(painted, painted_masks, cfg.data.image_size)
+        feature_images = np.concatenate([held_out.feature_images, large], axis=0)
     images = np.concatenate([normal, anomalous], axis=0)
     masks = np.concatenate([np.zeros_like(anomaly_masks), anomaly_masks], axis=0)
-    maps = _maps_of(model, cfg, category, images, whitening=calibration.whitening if calibration else None)
+    maps = _maps_of(model, cfg, category, images, feature_images,
+                    whitening=calibration.whitening if calibration else None)
 
     pro: dict[float, float] = {}
     auroc: dict[float, float] = {}

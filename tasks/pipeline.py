@@ -208,8 +208,11 @@ def _computation(cfg: DiffadConfig) -> str:
     the feature target sees larger images than the UNet and PaDiM."""
     s = cfg.score
     official = s.official_timestep_quirk and s.feature_map_size == 16 and s.kl_unbiased_std
-    text = ("the official code's computation" if official else
-            "refined scoring" + (", maps calibrated on held-out normals" if s.calibrate_maps else ""))
+    text = "the official code's computation" if official else "refined scoring"
+    if s.calibrate_maps:
+        text += ", maps calibrated on held-out normals"
+    if s.feature_whitening != "none":
+        text += f", feature residual whitened ({s.feature_whitening})"
     if cfg.feature_image_size is not None:
         text += (f"; feature target on {cfg.feature_image_size} px images, "
                  f"UNet and PaDiM on {cfg.data.image_size} px")

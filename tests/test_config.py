@@ -126,7 +126,7 @@ def test_train_crop_must_fit_the_image_and_the_network():
         load_config("smoke", overrides=["data.image_size=64", "data.train_crop=30"])
 
 
-def test_feature_image_size_is_at_least_the_image_and_excludes_crops_and_ours_star():
+def test_feature_image_size_is_at_least_the_image_and_excludes_crops():
     cfg = load_config("smoke", overrides=["data.image_size=32", "features.image_size=64"])
     assert cfg.feature_image_size == 64 and cfg.model_hash() != load_config("smoke").model_hash()
     assert load_config("smoke", overrides=["features.image_size=32"]).feature_image_size is None
@@ -134,5 +134,15 @@ def test_feature_image_size_is_at_least_the_image_and_excludes_crops_and_ours_st
         load_config("smoke", overrides=["features.image_size=16"])
     with pytest.raises(ConfigError, match="data.train_crop"):
         load_config("smoke", overrides=["features.image_size=64", "data.train_crop=16"])
-    with pytest.raises(ConfigError, match="alpha_per_category"):
-        load_config("smoke", overrides=["features.image_size=64", "score.alpha_per_category=true"])
+    # "Ours*" paints its defects at the target's size (validation.choose_alpha).
+    assert load_config("smoke", overrides=["features.image_size=64", "score.alpha_per_category=true"])
+
+
+def test_feature_whitening_needs_the_calibration_and_is_an_evaluation_setting():
+    cfg = load_config("cpu")
+    assert cfg.score.feature_whitening == "full" and cfg.score.calibrate_maps
+    with pytest.raises(ConfigError, match="score.feature_whitening=diagonal needs score.calibrate_maps=true"):
+        load_config("smoke", overrides=["score.feature_whitening=diagonal"])
+    # Scoring only: a trained model is reused under any whitening.
+    plain = load_config("cpu", overrides=["score.feature_whitening=none"])
+    assert plain.model_hash() == cfg.model_hash()

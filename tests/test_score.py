@@ -3,6 +3,7 @@ the ``paper`` settings against an independent reference, the variants and calibr
 
 from __future__ import annotations
 
+import json
 import math
 import types
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from diffad_core.score import (
     anomaly_map,
     component_maps,
     default_top_k,
+    feature_term,
+    fit_feature_whitening,
     image_scores,
     score_batch,
     score_split,
@@ -306,3 +309,107 @@ def test_golden_anomaly_map_sum() -> None:
 
 
 GOLDEN_SUM = 334.446226  # smoke UNet + random lite0 target, seed 0, two fixed images
+
+
+# ----------------------------------------------------------------------------- whitened residual
+def _residual_reference(residual: np.ndarray, precision: np.ndarray | None, size: int) -> np.ndarray:
+    """Eq. 11's second term by loops: per t and grid cell r^T P r / C (P = I: the mean square),
+    upsampled bilinearly per t by torch (the interpolation itself is not under test), mean over t."""
+    n_t, b, c, g, _ = residual.shape
+    err = np.zeros((n_t, b, g, g))
+    for t in range(n_t):
+        p = np.eye(c) if precision is None else (np.diag(precision[t]) if precision.ndim == 2 else precision[t])
+        for i in range(b):
+            for y in range(g):
+                for x in range(g):
+                    r = residual[t, i, :, y, x].astype(np.float64)
+                    err[t, i, y, x] = r @ p @ r / c
+    up = F.interpolate(torch.from_numpy(err).float().view(n_t * b, 1, g, g), size=(size, size),
+                       mode="bilinear", align_corners=False)
+    return up[:, 0].view(n_t, b, size, size).mean(dim=0).numpy()
+
+
+def _residuals(seed: int = 0, n_t: int = 3, b: int = 4, c: int = 5, g: int = 4,
+               spread: float = 2.0) -> torch.Tensor:
+    """Correlated residuals: independent components of scales 10^-spread to 10^spread, mixed
+    by a rotation (so their second-moment matrix has those squared scales as eigenvalues)."""
+    gen = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(torch.randn(c, c, generator=torch.Generator().manual_seed(99)))[0]
+    z = torch.randn(n_t, b, g, g, c, generator=gen) * torch.logspace(-spread, spread, c)
+    return (z @ rotation.T).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def test_feature_term_matches_the_reference_for_every_whitening() -> None:
+    residual = _residuals()
+    r = residual.numpy()
+    np.testing.assert_allclose(feature_term(residual, None, (8, 8)).numpy(), _residual_reference(r, None, 8),
+                               rtol=1e-5)
+    for kind in ("diagonal", "full"):
+        w = fit_feature_whitening(_residuals(seed=1), kind)
+        assert tuple(w.precision.shape) == ((3, 5) if kind == "diagonal" else (3, 5, 5))
+        np.testing.assert_allclose(feature_term(residual, w, (8, 8)).numpy(),
+                                   _residual_reference(r, w.precision.double().numpy(), 8), rtol=1e-4)
+
+
+def test_whitening_fitted_on_normals_gives_them_unit_mean_and_undoes_channel_scales() -> None:
+    normal = _residuals(seed=2, b=64)
+    diag = fit_feature_whitening(normal, "diagonal")
+    # Per t, the mean of sum_c r_c^2 / s_{t,c} over the fitting data is C, so the term's mean is 1,
+    # whatever the channels' scales (here 0.01 to 100).
+    assert torch.allclose(feature_term(normal, diag, (4, 4)).mean(), torch.tensor(1.0), atol=1e-4)
+    # The full matrix: the same less the ridge's share, trace(S (S + lambda I)^-1) / C. The
+    # ridge is 1% of the mean variance, so channels 10^4 below it are weighed down: the mean
+    # is near 1 only for channels of comparable scales.
+    full_wide = fit_feature_whitening(normal, "full")
+    assert float(feature_term(normal, full_wide, (4, 4)).mean()) < 0.5
+    normal = _residuals(seed=2, b=64, spread=0.3)
+    full = fit_feature_whitening(normal, "full")
+    assert 0.95 < float(feature_term(normal, full, (4, 4)).mean()) < 1.0
+    # What each is invariant to, fitted on normals changed the same way as the test residuals:
+    # "diagonal" to any scale per channel, "full" to a rotation of the channels and one overall
+    # scale (its ridge follows the mean variance); the paper's plain mean square to neither.
+    test = _residuals(seed=3, spread=0.3)
+    scales = torch.logspace(-2, 2, 5).view(1, 1, 5, 1, 1)
+    rotation = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(4)))[0]
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:
+        return 10.0 * torch.einsum("dc,tbcyx->tbdyx", rotation, x)
+
+    def invariant(kind: str, change) -> bool:  # noqa: ANN001
+        before = feature_term(test, fit_feature_whitening(normal, kind), (4, 4))
+        after = feature_term(change(test), fit_feature_whitening(change(normal), kind), (4, 4))
+        return torch.allclose(before, after, rtol=1e-3, atol=1e-6)
+
+    assert invariant("diagonal", lambda x: x * scales) and invariant("full", rotated)
+    assert not invariant("diagonal", rotated) and not invariant("full", lambda x: x * scales)
+    plain = feature_term(test, None, (4, 4))
+    assert not torch.allclose(plain / plain.mean(), (lambda m: m / m.mean())(feature_term(test * scales, None, (4, 4))),
+                              rtol=0.1)
+
+
+def test_whitening_fitted_for_other_steps_or_channels_is_refused() -> None:
+    w = fit_feature_whitening(_residuals(n_t=2), "full")
+    with pytest.raises(ValueError, match="scoring steps, channels"):
+        feature_term(_residuals(n_t=3), w, (4, 4))
+
+
+def test_component_maps_return_the_residual_their_feature_map_is_made_of(model: _Model) -> None:
+    x = _images(3)
+    plain = component_maps(model, x, "weave", model.cfg.score, torch.Generator().manual_seed(0),
+                           with_residual=True)
+    n_t = len(model.cfg.diffusion.score_timesteps)
+    assert plain.feature_residual.shape[:3] == (n_t, 3, model.feature_target.channels)
+    assert torch.equal(plain.feature, feature_term(plain.feature_residual, None, (SIZE, SIZE)))
+    w = fit_feature_whitening(plain.feature_residual, "full")
+    cal = MapCalibration(kl_mean=0.0, kl_std=1.0, feature_mean=0.0, feature_std=1.0, whitening=w)
+    scored = _batch(model, x, 0.0, 0, calibration=cal)
+    assert torch.allclose(scored.anomaly, feature_term(plain.feature_residual, w, (SIZE, SIZE)), rtol=1e-4)
+    assert scored.components.feature_residual is None  # kept only when asked for
+
+
+def test_calibration_with_whitening_survives_its_record() -> None:
+    w = fit_feature_whitening(_residuals(), "diagonal")
+    cal = MapCalibration(kl_mean=0.5, kl_std=2.0, feature_mean=1.0, feature_std=3.0, n_images=4, whitening=w)
+    again = MapCalibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert again == cal and again.whitening.kind == "diagonal"
+    assert MapCalibration.from_dict({"kl_mean": 0, "kl_std": 1, "feature_mean": 0, "feature_std": 1}).whitening is None

@@ -6,9 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import diffad_core.validation as validation
-from diffad_core.data import split_train_validation
+from diffad_core.data import PreparedSplit, split_train_validation
+from diffad_core.data.io import load_image, load_mask
+from diffad_core.data.synth.defects import paint_defects
+from diffad_core.overlay import to_uint8_image
+from diffad_core.score import fit_feature_whitening
 from tests.test_score import _prepared, _smoke_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,3 +123,79 @@ def test_predict_uses_the_recorded_ours_star_alpha(tmp_path, monkeypatch: pytest
     ev = EvaluationModel(model=m, cfg=m.cfg, checkpoint=tmp_path)
     assert predict_images(ev, "weave", [buf.getvalue()]).alpha == 0.125
     assert predict_images(ev, "weave", [buf.getvalue()], alpha=0.75).alpha == 0.75
+
+
+def test_calibration_fits_the_whitening_and_standardises_the_whitened_map(train_only: list[str]) -> None:
+    """score.feature_whitening: the residual's weights come from the held-out normals, and the
+    feature statistics are those of the weighted term on the same images."""
+    m, val_idx = _held_out_model(**{"score.validation_fraction": 0.3, "score.calibrate_maps": True,
+                                    "score.feature_whitening": "full"})
+    cal = validation.calibrate(m, m.cfg, "weave")
+    n_t, c = len(m.cfg.diffusion.score_timesteps), m.feature_target.channels
+    assert cal.whitening is not None and tuple(cal.whitening.precision.shape) == (n_t, c, c)
+    images = _prepared(10).images[val_idx]
+    maps = validation._maps_of(m, m.cfg, "weave", images, with_residual=True)
+    assert cal.whitening == fit_feature_whitening(maps.feature_residual, "full")
+    whitened = validation._maps_of(m, m.cfg, "weave", images, whitening=cal.whitening).feature
+    assert cal.feature_mean == pytest.approx(float(whitened.mean()), rel=1e-5)
+    assert cal.feature_std == pytest.approx(float(whitened.std()), rel=1e-5)
+    assert cal.feature_mean != pytest.approx(float(maps.feature.mean()), rel=0.01)
+    plain = validation.calibrate(m, m.cfg.with_changes({"score": {"feature_whitening": "none"}}), "weave")
+    assert plain.whitening is None and plain.kl_mean == cal.kl_mean
+
+
+def test_recorded_scoring_fit_keeps_the_whitening(train_only: list[str], tmp_path) -> None:
+    m, _ = _held_out_model(**{"score.validation_fraction": 0.3, "score.calibrate_maps": True,
+                              "score.feature_whitening": "diagonal"})
+    m.folder = tmp_path
+    fit = validation.fit_scoring(m, m.cfg, "weave")
+    again = validation.recorded_scoring_fit(m, m.cfg, "weave")
+    assert again == fit and again.calibration.whitening.kind == "diagonal"
+    other = m.cfg.with_changes({"score": {"feature_whitening": "full"}})
+    assert validation.recorded_scoring_fit(m, other, "weave") is None
+
+
+def test_ours_star_paints_at_the_target_size_and_derives_the_image_as_from_a_file(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """With features.image_size, "Ours*" paints its defects on the 48 px images the target sees
+    and gives the UNet the 32 px image prepare_split would decode from the painted file."""
+    m, val_idx = _held_out_model(**{"features.image_size": 48, "score.validation_fraction": 0.3,
+                                    "score.alpha_per_category": True, "score.alpha_grid": "[0.0, 0.5, 1.0]"})
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(10):  # 8-bit 48 px files, as a user's folder holds them
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+        files.append(path)
+    split = PreparedSplit("weave", "train", np.stack([load_image(f, 32).transpose(2, 0, 1) * 2 - 1 for f in files]),
+                          np.zeros((10, 32, 32), np.uint8), np.zeros(10, np.int64), ["good"] * 10,
+                          [f.name for f in files],
+                          feature_images=np.stack([load_image(f).transpose(2, 0, 1) * 2 - 1 for f in files]))
+    monkeypatch.setattr(validation, "prepare_split", lambda cfg, category, name: split)
+    seen = {}
+    real_maps_of = validation._maps_of
+
+    def recording_maps_of(model, cfg, category, images, feature_images=None, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.update(images=images, feature_images=feature_images)
+        return real_maps_of(model, cfg, category, images, feature_images, **kw)
+
+    monkeypatch.setattr(validation, "_maps_of", recording_maps_of)
+    choice = validation.choose_alpha(m, m.cfg, "weave")
+    n = len(val_idx)
+    assert choice.alpha in (0.0, 0.5, 1.0) and choice.n_validation_images == 2 * n
+    assert seen["images"].shape == (2 * n, 3, 32, 32) and seen["feature_images"].shape == (2 * n, 3, 48, 48)
+    np.testing.assert_array_equal(seen["images"][:n], split.images[val_idx])
+    np.testing.assert_array_equal(seen["feature_images"][:n], split.feature_images[val_idx])
+    painted, painted_masks = paint_defects(split.feature_images[val_idx], seed=int(m.cfg.seed) + 7919)
+    _, small_masks = validation._decoded(painted, painted_masks, 32)
+    assert not np.allclose(seen["feature_images"][n:], split.feature_images[val_idx])
+    # The painted 48 px image saved as a file and read back by load_image at 48 and at 32 px.
+    for j in range(n):
+        path = tmp_path / f"painted{j}.png"
+        Image.fromarray(to_uint8_image(painted[j])).save(path)
+        np.testing.assert_allclose(seen["feature_images"][n + j], load_image(path).transpose(2, 0, 1) * 2 - 1,
+                                   atol=1e-6)
+        np.testing.assert_allclose(seen["images"][n + j], load_image(path, 32).transpose(2, 0, 1) * 2 - 1,
+                                   atol=1e-6)
+        Image.fromarray(painted_masks[j] * np.uint8(255)).save(mask_path := tmp_path / f"mask{j}.png")
+        np.testing.assert_array_equal(small_masks[j], load_mask(mask_path, 32))

@@ -2,7 +2,8 @@
 ``models:/...@champion`` gives the same scores and maps as ``diffad predict`` on the same
 checkpoint, without the training data; ``mlflow models serve`` serves it on 127.0.0.1.
 
-One smoke checkpoint (with map calibration, so the stored calibration is exercised), registered
+One smoke checkpoint (with map calibration and the whitened feature residual, so the stored
+calibration and its weights are exercised), registered
 once for the module in a temporary MLflow store.
 """
 
@@ -38,7 +39,8 @@ from diffad_core.usecases import load_for_evaluation, predict_images
 from tasks import pyfunc_model, registry, tracking
 
 TRAIN = ["--preset", "smoke", "--set", "data.categories=[weave]", "--set", "data.synth.categories=[weave]",
-         "--set", "score.calibrate_maps=true", "--set", "score.validation_fraction=0.34"]
+         "--set", "score.calibrate_maps=true", "--set", "score.validation_fraction=0.34",
+         "--set", "score.feature_whitening=full"]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,8 @@ def test_load_model_predicts_like_diffad_predict(registered: dict[str, Any], tmp
     assert (model_dir / "code" / "diffad_core" / "score.py").is_file()
     assert (model_dir / "code" / "tasks" / "pyfunc_model.py").is_file()
     assert not list(model_dir.rglob("*.pkl"))  # models from code: no pickle in the model
-    assert (model_dir / "artifacts" / "scoring").is_dir()  # the recorded map calibration
+    (fit,) = (model_dir / "artifacts" / "scoring").rglob("weave-*.json")  # the recorded map calibration
+    assert json.loads(fit.read_text())["calibration"]["whitening"]["kind"] == "full"
 
 
 def test_bad_requests_are_refused_clearly(registered: dict[str, Any]) -> None:
