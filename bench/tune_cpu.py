@@ -52,17 +52,20 @@ TRAININGS = {"cap64": ["auto.max_image_size=64", "auto.max_feature_size=null"],
 ONLY = [x for x in os.environ.get("TUNE_TRAININGS", "").split(",") if x]
 if ONLY:
     TRAININGS = {name: TRAININGS[name] for name in ONLY}
-# Scoring settings tried on every trained model: (calibrate, Ours*, image-score blur sigma,
-# feature whitening). Round five (bench/tune_cpu_whiten_rule.md) added the whitened residuals,
-# round six (bench/tune_cpu_ours_rule.md) "Ours*" on them (its defects painted at the target's size).
-SCORINGS = {
-    "raw": (False, False, 0.0, "none"),
-    "calibrated": (True, False, 0.0, "none"),
-    "calibrated+blur": (True, False, 2.0, "none"),
-    "calibrated+ours*": (True, True, 0.0, "none"),
-    "whiten-diag": (True, False, 0.0, "diagonal"),
-    "whiten-full": (True, False, 0.0, "full"),
-    "whiten-full+ours*": (True, True, 0.0, "full"),
+# Scoring settings tried on every trained model: (calibrate, Ours*, score settings changed).
+# Round five (bench/tune_cpu_whiten_rule.md) added the whitened residuals, round six
+# (bench/tune_cpu_ours_rule.md) "Ours*" on them (its defects painted at the target's size), round
+# seven (bench/tune_cpu_grid_whiten_rule.md) the 32x32 comparison grid under them.
+_FULL = {"feature_whitening": "full"}
+SCORINGS: dict[str, tuple[bool, bool, dict]] = {
+    "raw": (False, False, {}),
+    "calibrated": (True, False, {}),
+    "calibrated+blur": (True, False, {"image_score_sigma": 2.0}),
+    "calibrated+ours*": (True, True, {}),
+    "whiten-diag": (True, False, {"feature_whitening": "diagonal"}),
+    "whiten-full": (True, False, _FULL),
+    "whiten-full+ours*": (True, True, _FULL),
+    "whiten-full+map32": (True, False, {**_FULL, "feature_map_size": 32}),
 }
 
 
@@ -111,18 +114,21 @@ def _evaluate(job: tuple[str, str]) -> list[dict]:
     rows = []
     start = time.perf_counter()
     calibrations = {}
-    for scoring, (calibrated, ours, sigma, whitening) in SCORINGS.items():
-        settings = cfg.score.model_copy(update={"image_score_sigma": sigma, "feature_whitening": whitening})
-        if whitening not in calibrations:
-            calibrations[whitening] = calibrate(model, cfg.model_copy(update={"score": settings}), category)
-        cal = calibrations[whitening] if calibrated else None
-        alpha = choose_alpha(model, cfg, category, cal).alpha if ours else cfg.score.alpha
+    for scoring, (calibrated, ours, changes) in SCORINGS.items():
+        settings = cfg.score.model_copy(update=changes)
+        scored_cfg = cfg.model_copy(update={"score": settings})
+        # One calibration per map computation (the blur acts on the finished map only).
+        key = tuple(sorted((k, v) for k, v in changes.items() if k != "image_score_sigma"))
+        if key not in calibrations:
+            calibrations[key] = calibrate(model, scored_cfg, category)
+        cal = calibrations[key] if calibrated else None
+        alpha = choose_alpha(model, scored_cfg, category, cal).alpha if ours else cfg.score.alpha
         recs = list(score_split(model, prepared, settings, alpha=alpha, calibration=cal,
                                 seed=cfg.seed, progress=False))
         masks = np.stack([r.mask for r in recs])
         labels = np.array([r.label for r in recs])
         scorers = {"ensemble": ([r.anomaly_map for r in recs], [r.image_score for r in recs])}
-        for ab in ("kl", "feature", "padim") if scoring == "raw" else ("feature",) if whitening != "none" else ():
+        for ab in ("kl", "feature", "padim") if scoring == "raw" else ("feature",) if "feature_whitening" in changes else ():
             scorers[ab] = ([r.ablation_maps[ab] for r in recs], [r.ablation_scores[ab] for r in recs])
         for scorer, (maps, scores) in scorers.items():
             m = np.stack(maps).astype(np.float32)
@@ -196,6 +202,17 @@ def _ours_rule(ens: pd.DataFrame) -> list[str]:
             f"(0.957 recorded in bench/tune_cpu_whiten.txt), whiten-full+ours* {ours:.3f}: {verdict}"]
 
 
+def _grid_rule(ens: pd.DataFrame) -> list[str]:
+    """Round seven (bench/tune_cpu_grid_whiten_rule.md), the half of it this home holds: the
+    candidates beside round five's baseline (0.957); the verdict combines both homes' outputs."""
+    rows = {"map32 (feat256, whiten-full+map32)": ("feat256", "whiten-full+map32"),
+            "grid32w (grid32, whiten-full)": ("grid32", "whiten-full"),
+            "baseline (feat256, whiten-full)": ("feat256", "whiten-full")}
+    means = ens.set_index(["training", "scoring"]).mean3
+    found = [f"{name} {means[key]:.3f}" for name, key in rows.items() if key in means.index]
+    return ["", "round seven (bench/tune_cpu_grid_whiten_rule.md), ensemble mean3: " + ", ".join(found)] if found else []
+
+
 def main() -> int:
     HOME.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DIFFAD_HOME=str(HOME))
@@ -232,7 +249,7 @@ def main() -> int:
         f"best: {best.training} / {best.scoring} (mean3 {best.mean3:.3f}); "
         f"chosen by the crop rule: {chosen.training} / {chosen.scoring} (mean3 {chosen.mean3:.3f})",
     ]
-    lines += _adoption_rules(ens) + _whitening_rule(ens) + _ours_rule(ens)
+    lines += _adoption_rules(ens) + _whitening_rule(ens) + _ours_rule(ens) + _grid_rule(ens)
     out = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_crop.txt"))
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
