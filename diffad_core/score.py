@@ -130,6 +130,16 @@ class ComponentMaps:
     rgb: torch.Tensor | None = None
     feature_residual: torch.Tensor | None = None
 
+    @classmethod
+    def concatenated(cls, parts: list[ComponentMaps]) -> ComponentMaps:
+        """The maps of consecutive batches as one (the residual's batch axis is its second)."""
+        def joined(name: str, dim: int = 0) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values, dim=dim)
+
+        return cls(kl=joined("kl"), feature=joined("feature"), rgb=joined("rgb"),
+                   feature_residual=joined("feature_residual", dim=1))
+
 
 @dataclass
 class ScoredBatch:
@@ -262,10 +272,7 @@ def component_maps(
     parts = [_group_maps(model, images[i:i + group], target_input[i:i + group], category, settings, steps,
                          noise[:, i:i + group], with_rgb, whitening, with_residual)
              for i in range(0, b, group)]
-    return ComponentMaps(kl=torch.cat([m.kl for m in parts]), feature=torch.cat([m.feature for m in parts]),
-                         rgb=torch.cat([m.rgb for m in parts]) if with_rgb else None,
-                         feature_residual=(torch.cat([m.feature_residual for m in parts], dim=1)
-                                           if with_residual else None))
+    return ComponentMaps.concatenated(parts)
 
 
 def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Tensor, category: str,

@@ -18,7 +18,7 @@ import torch
 from diffad_core import results
 from diffad_core._atomic import remove_stale_temporaries
 from diffad_core.config import DiffadConfig, require_home
-from diffad_core.data import load_image, prepare_split, require_verified, resolve_dataset
+from diffad_core.data import load_model_images, prepare_split, require_verified, resolve_dataset
 from diffad_core.data_fit import fit_to_data
 from diffad_core.locks import file_lock
 from diffad_core.model import DiffadModel, checkpoint_dir, load_model
@@ -215,14 +215,6 @@ def score_category(ev: EvaluationModel, category: str, run_dir: Path, *, model_v
                         alpha_choice=choice, calibration=calibration)
 
 
-def _decoded(images: Sequence[Path | bytes], size: int) -> np.ndarray:
-    """Image files (or their bytes) as float32 (N, 3, size, size) in [-1, 1]."""
-    arrays = [load_image(Path(f"input image {i}"), size, data=source) if isinstance(source, bytes)
-              else load_image(Path(source), size)
-              for i, source in enumerate(images)]
-    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)) * 2.0 - 1.0
-
-
 def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | bytes], *,
                    alpha: float | None = None) -> Prediction:
     """Eq. 11 and the image score of each image (a file, or an encoded file's bytes), scored in
@@ -238,9 +230,9 @@ def predict_images(ev: EvaluationModel, category: str, images: Sequence[Path | b
     fit = scoring_fit(ev, category, progress=False)
     alpha, _source = _alpha_of(cfg, fit, alpha)
     calibration = fit.calibration
-    inputs = _decoded(images, int(cfg.data.image_size))
+    inputs = load_model_images(images, int(cfg.data.image_size))
     # The feature target's input, when the model computes it at its own size.
-    targets = None if cfg.feature_image_size is None else _decoded(images, cfg.feature_image_size)
+    targets = None if cfg.feature_image_size is None else load_model_images(images, cfg.feature_image_size)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     batch_size = max(1, int(cfg.score.batch_size))
     scores, maps = [], []

@@ -26,7 +26,7 @@ from PIL import Image
 from diffad_core._atomic import atomic_write_text
 from diffad_core.config import DiffadConfig
 from diffad_core.data import PreparedSplit, prepare_split
-from diffad_core.data.io import load_image, load_mask
+from diffad_core.data.io import load_mask, load_model_images
 from diffad_core.data.synth.defects import paint_defects
 from diffad_core.metrics import pixel_auroc, pro_score
 from diffad_core.model import DiffadModel
@@ -101,9 +101,7 @@ def _maps_of(model: DiffadModel, cfg: DiffadConfig, category: str, images: np.nd
         targets = None if feature_images is None else torch.from_numpy(np.ascontiguousarray(feature_images[rows]))
         parts.append(component_maps(model, batch, category, cfg.score, generator, feature_images=targets,
                                     whitening=whitening, with_residual=with_residual))
-    return ComponentMaps(kl=torch.cat([p.kl for p in parts]), feature=torch.cat([p.feature for p in parts]),
-                         feature_residual=(torch.cat([p.feature_residual for p in parts], dim=1)
-                                           if with_residual else None))
+    return ComponentMaps.concatenated(parts)
 
 
 def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibration:
@@ -125,18 +123,14 @@ def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibr
     )
 
 
-def _decoded(images: np.ndarray, masks: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _as_read_from_files(images: np.ndarray, masks: np.ndarray,
+                        size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Painted images in [-1, 1] (N, 3, S, S) and their masks as ``prepare_split`` would read
-    them from files: 8-bit PNG, decoded by ``load_image`` / ``load_mask`` at ``size`` (None:
-    as they are)."""
-    n, side = len(images), size or images.shape[-1]
-    out = np.empty((n, 3, side, side), np.float32)
-    out_masks = np.empty((n, side, side), np.uint8)
-    for i in range(n):
-        name = f"synthetic defect {i}"
-        out[i] = load_image(name, size, data=_png(to_uint8_image(images[i]))).transpose(2, 0, 1) * 2.0 - 1.0
-        out_masks[i] = load_mask(name, size, data=_png(masks[i] * np.uint8(255)))
-    return out, out_masks
+    them from 8-bit PNG files: the images as they are and at ``size``, the masks at ``size``."""
+    image_files = [_png(to_uint8_image(image)) for image in images]
+    small_masks = np.stack([load_mask(f"synthetic defect mask {i}", size, data=_png(mask * np.uint8(255)))
+                            for i, mask in enumerate(masks)])
+    return load_model_images(image_files, None), load_model_images(image_files, size), small_masks
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -174,8 +168,7 @@ def choose_alpha(model: DiffadModel, cfg: DiffadConfig, category: str,
         # The defects are painted where the target looks (features.image_size); the UNet's
         # image is derived from the painted one as prepare_split derives it from a file.
         painted, painted_masks = paint_defects(held_out.feature_images, seed=seed)
-        large, _ = _decoded(painted, painted_masks, None)
-        anomalous, anomaly_masks = _decoded(painted, painted_masks, cfg.data.image_size)
+        large, anomalous, anomaly_masks = _as_read_from_files(painted, painted_masks, cfg.data.image_size)
         feature_images = np.concatenate([held_out.feature_images, large], axis=0)
     images = np.concatenate([normal, anomalous], axis=0)
     masks = np.concatenate([np.zeros_like(anomaly_masks), anomaly_masks], axis=0)

@@ -187,7 +187,7 @@ def test_ours_star_paints_at_the_target_size_and_derives_the_image_as_from_a_fil
     np.testing.assert_array_equal(seen["images"][:n], split.images[val_idx])
     np.testing.assert_array_equal(seen["feature_images"][:n], split.feature_images[val_idx])
     painted, painted_masks = paint_defects(split.feature_images[val_idx], seed=int(m.cfg.seed) + 7919)
-    _, small_masks = validation._decoded(painted, painted_masks, 32)
+    _, _, small_masks = validation._as_read_from_files(painted, painted_masks, 32)
     assert not np.allclose(seen["feature_images"][n:], split.feature_images[val_idx])
     # The painted 48 px image saved as a file and read back by load_image at 48 and at 32 px.
     for j in range(n):

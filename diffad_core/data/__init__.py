@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "image_size": "io",
     "load_image": "io",
     "load_mask": "io",
+    "load_model_images": "io",
     "dataset_manifest": "manifest",
     "manifest_hash": "manifest",
     "sha256_file": "manifest",

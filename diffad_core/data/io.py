@@ -9,6 +9,7 @@ images and nearest-neighbour for masks; a mask pixel is anomalous when its value
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,15 @@ def load_image(path: str | Path, size: int | None = None, *, data: bytes | None 
     if size is not None and arr.shape[:2] != (size, size):
         arr = _resize_float(arr, size)
     return arr
+
+
+def load_model_images(sources: Sequence[Path | bytes], size: int | None) -> np.ndarray:
+    """Image files (or their encoded bytes) as the model's input: float32 (N, 3, S, S) in
+    [-1, 1], each decoded by :func:`load_image` at ``size`` (None: as it is)."""
+    arrays = [load_image(Path(f"input image {i}"), size, data=source) if isinstance(source, bytes)
+              else load_image(Path(source), size)
+              for i, source in enumerate(sources)]
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)) * 2.0 - 1.0
 
 
 def _mask_bool(img: Image.Image, path: Path) -> np.ndarray:
