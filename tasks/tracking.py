@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from diffad_core.config import ConfigError, DiffadConfig, diffad_home
+from diffad_core.locks import file_lock
 
 PARENT_TAG = "mlflow.parentRunId"
 PARAM_LIMIT = 500  # we keep params short and readable; the whole config is also an artifact
@@ -108,9 +109,31 @@ def check_store(timeout: float = 5.0) -> str:
 def get_client() -> MlflowClient:
     uri = tracking_uri()
     db = local_store_file(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if db is None or db in _READY_STORES:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _open_store_once(uri, db)
+
+
+# The sqlite stores whose schema this process has seen complete (MLflow caches its store
+# objects per URI too, so their set-up runs once per process).
+_READY_STORES: set[Path] = set()
+
+
+def _open_store_once(uri: str, db: Path) -> MlflowClient:
+    """A client of the sqlite file ``db``, its tracking and registry stores first opened under a
+    lock beside it.
+
+    MLflow creates a new database's tables (and runs its migrations) when a store is first
+    opened; two processes doing that at once on one new file race, and the late ones fail with
+    "table ... already exists". Under the lock the first creates the schema whole and the others
+    find it done."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(db.parent / f".{db.name}.lock", f"MLflow store {db}", wait=True):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # opens (and if needed creates) the tracking store
+        client.search_registered_models(max_results=1)  # and the model registry's
+    _READY_STORES.add(db)
+    return client
 
 
 def experiment_name(cfg: DiffadConfig) -> str:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import http.server
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,47 @@ def test_parent_and_child_runs(home: Path) -> None:
     assert run.info.artifact_uri.startswith((home.resolve() / "mlartifacts").as_uri())
     assert not (Path.cwd() / "mlruns").exists()
     assert not (Path.cwd() / "mlflow.db").exists()
+
+
+_OPEN_STORE = ("import sys, time\nfrom tasks import tracking\n"
+               "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"  # all start at one instant
+               "client = tracking.get_client()\n"
+               "tracking.ensure_experiment(client, 'diffad-race')\n"
+               "print(client.search_registered_models(max_results=1) == [], flush=True)\n")
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(home: Path) -> None:
+    """Several processes opening one new sqlite store at the same instant (two benchmarks
+    started together): MLflow creates the schema when a store is first opened, and without the
+    lock beside the database the late ones fail with "table ... already exists"."""
+    start = time.time() + 3.0  # time for every interpreter to import MLflow first
+    env = dict(os.environ, DIFFAD_HOME=str(home))
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, str(start)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    outs = [proc.communicate(timeout=240) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["True"] * 4
+
+
+def test_a_new_store_is_created_under_the_lock_beside_it(home: Path) -> None:
+    """While another process holds the store's lock, opening the store waits and writes
+    nothing; once released it creates the schema."""
+    db = home.resolve() / "mlflow.db"
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom diffad_core.locks import file_lock\n"
+            "with file_lock(Path(sys.argv[1]), 'x', wait=False):\n"
+            "    print('held', flush=True)\n    time.sleep(3)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(home.resolve() / ".mlflow.db.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    opened: list[float] = []
+    thread = threading.Thread(target=lambda: (tracking.get_client(), opened.append(time.monotonic())))
+    began = time.monotonic()
+    thread.start()
+    time.sleep(1.5)
+    try:
+        assert not opened and (not db.exists() or db.stat().st_size == 0)
+    finally:
+        thread.join(timeout=60)
+        holder.wait()
+    assert opened and opened[0] - began > 2.0
+    assert tracking.get_client().search_experiments(max_results=1)[0].name == "Default"
