@@ -55,7 +55,8 @@ if ONLY:
 # Scoring settings tried on every trained model: (calibrate, Ours*, score settings changed).
 # Round five (bench/tune_cpu_whiten_rule.md) added the whitened residuals, round six
 # (bench/tune_cpu_ours_rule.md) "Ours*" on them (its defects painted at the target's size), round
-# seven (bench/tune_cpu_grid_whiten_rule.md) the 32x32 comparison grid under them.
+# seven (bench/tune_cpu_grid_whiten_rule.md) the 32x32 comparison grid under them, round eight
+# (bench/tune_cpu_draws_rule.md) several noise draws.
 _FULL = {"feature_whitening": "full"}
 SCORINGS: dict[str, tuple[bool, bool, dict]] = {
     "raw": (False, False, {}),
@@ -66,7 +67,15 @@ SCORINGS: dict[str, tuple[bool, bool, dict]] = {
     "whiten-full": (True, False, _FULL),
     "whiten-full+ours*": (True, True, _FULL),
     "whiten-full+map32": (True, False, {**_FULL, "feature_map_size": 32}),
+    # Round eight (bench/tune_cpu_draws_rule.md): Eq. 11 averaged over K forward-noise draws.
+    "whiten-full+draws4": (True, False, {**_FULL, "noise_draws": 4}),
+    "whiten-full+draws8": (True, False, {**_FULL, "noise_draws": 8}),
+    "whiten-full+draws16": (True, False, {**_FULL, "noise_draws": 16}),
 }
+# A subset of SCORINGS to run (round eight runs whiten-full and its draws); empty: all.
+_ONLY_SCORINGS = [x for x in os.environ.get("TUNE_SCORINGS", "").split(",") if x]
+if _ONLY_SCORINGS:
+    SCORINGS = {name: SCORINGS[name] for name in _ONLY_SCORINGS}
 
 
 def _run(args: list[str], log: Path) -> float:
@@ -213,6 +222,26 @@ def _grid_rule(ens: pd.DataFrame) -> list[str]:
     return ["", "round seven (bench/tune_cpu_grid_whiten_rule.md), ensemble mean3: " + ", ".join(found)] if found else []
 
 
+def _draws_rule(ens: pd.DataFrame) -> list[str]:
+    """Round eight (bench/tune_cpu_draws_rule.md): on the same feat256 models, K draws are
+    adopted only if the best K beats one draw by more than 0.005; then the smallest K within
+    0.005 of the best."""
+    means = ens[ens.training == "feat256"].set_index("scoring").mean3
+    candidates = {k: f"whiten-full+draws{k}" for k in (4, 8, 16)}
+    if not {"whiten-full", *candidates.values()} <= set(means.index):
+        return []
+    base = means["whiten-full"]
+    best = max(means[name] for name in candidates.values())
+    if best > base + 0.005:
+        chosen = min(k for k, name in candidates.items() if means[name] >= best - 0.005)
+        verdict = f"score.noise_draws={chosen} is adopted"
+    else:
+        verdict = "no K beats one draw by more than 0.005: the preset keeps score.noise_draws=1"
+    return ["", f"rule (bench/tune_cpu_draws_rule.md), feat256 ensemble mean3: whiten-full (K = 1) {base:.3f} "
+            "(0.957 recorded in bench/tune_cpu_whiten.txt), "
+            + ", ".join(f"K = {k} {means[name]:.3f}" for k, name in candidates.items()) + f": {verdict}"]
+
+
 def main() -> int:
     HOME.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DIFFAD_HOME=str(HOME))
@@ -249,7 +278,8 @@ def main() -> int:
         f"best: {best.training} / {best.scoring} (mean3 {best.mean3:.3f}); "
         f"chosen by the crop rule: {chosen.training} / {chosen.scoring} (mean3 {chosen.mean3:.3f})",
     ]
-    lines += _adoption_rules(ens) + _whitening_rule(ens) + _ours_rule(ens) + _grid_rule(ens)
+    lines += (_adoption_rules(ens) + _whitening_rule(ens) + _ours_rule(ens) + _grid_rule(ens)
+              + _draws_rule(ens))
     out = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_crop.txt"))
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

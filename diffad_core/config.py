@@ -253,6 +253,10 @@ class ScoreConfig(_Section):
     # scoring step: per channel ("diagonal") or as a C x C matrix ("full"); "none": the paper's
     # plain mean over channels (ours, docs/method.md "Whitened feature residual").
     feature_whitening: Literal["none", "diagonal", "full"] = "none"
+    # Forward-noise draws per scoring step: each image is noised K times at every t, the head's
+    # prediction averaged over the draws before Eq. 11's feature residual and the KL map averaged
+    # over them (ours, docs/method.md "Several noise draws"); 1: one draw, as the paper.
+    noise_draws: int = Field(default=1, ge=1)
     top_k: int | None = None  # None: 64 at 256x256, scaled with the image area
     # Image score: mean of the top-k pixels of A (the code), optionally after a Gaussian blur of A
     # with this sigma in pixels at the scored size (0: none, as in the code).

@@ -9,6 +9,8 @@ x_t = q_sample(x0, t, eps). Two maps come out of the UNet:
   (``score.feature_map_size``, else the grid of the head's level), upsampled bilinearly to
   H x W. With ``features.image_size`` F sees x0 at that larger size (``feature_images``).
 
+With ``score.noise_draws`` = K > 1 each image is noised K times per t: the head's prediction is
+averaged over the draws before the residual, the KL map over them (ours; K = 1 is the paper).
 Both are averaged over t (the KL map also over channels) and mixed as Eq. 11:
 ``A = alpha * KL + (1 - alpha) * feature``, each optionally standardised first by its statistics
 on held-out normal images (``MapCalibration``, ``validation.py``). With
@@ -242,8 +244,9 @@ def component_maps(
 ) -> ComponentMaps:
     """The two terms of Eq. 11 for a batch of images in [-1, 1] (B, 3, H, W), averaged over t.
 
-    ``noise`` (|T|, B, 3, H, W), the eps of each scoring step, else drawn t-major from the CPU
-    ``generator`` (the same seed gives the same maps on every device). ``with_rgb`` also returns
+    ``noise`` (K*|T|, B, 3, H, W), the eps of each of the ``score.noise_draws`` = K draws at each
+    scoring step (draw-major: rows [k*|T|, (k+1)*|T|) are draw k), else drawn in that order from
+    the CPU ``generator`` (the same seed gives the same maps on every device). ``with_rgb`` also returns
     ``|x0_hat - x0|`` from the KL pass (an ablation scorer). ``feature_images``: the same images
     at ``features.image_size`` (B, 3, F, F), required when the model's target is computed there.
     ``whitening`` weighs the feature residual (:func:`feature_term`); ``with_residual`` also
@@ -258,7 +261,7 @@ def component_maps(
                          f"(features.image_size): pass feature_images of shape "
                          f"{(images.shape[0], 3, target_size, target_size)}")
     b, _, h, w = images.shape
-    shape = (len(steps), *images.shape)
+    shape = (settings.noise_draws * len(steps), *images.shape)
     if noise is None:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     elif tuple(noise.shape) != shape:
@@ -267,7 +270,7 @@ def component_maps(
     # UNet's activations and the maps' temporaries stay in cache (issue #11); the whole batch
     # at once elsewhere.
     chunk = micro_batch(model.device, h, w)
-    group = b if chunk is None else max(1, chunk // len(steps))
+    group = b if chunk is None else max(1, chunk // shape[0])
     target_input = images if target_size is None else feature_images
     parts = [_group_maps(model, images[i:i + group], target_input[i:i + group], category, settings, steps,
                          noise[:, i:i + group], with_rgb, whitening, with_residual)
@@ -278,15 +281,17 @@ def component_maps(
 def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Tensor, category: str,
                 settings: ScoreConfig, steps: list[int], noise: torch.Tensor, with_rgb: bool,
                 whitening: FeatureWhitening | None, with_residual: bool) -> ComponentMaps:
-    """``component_maps`` of one group of images, all scoring steps batched in t-major order;
-    ``target_input`` is what the feature target sees (the images, or them at its own size)."""
+    """``component_maps`` of one group of images, all draws and scoring steps batched in
+    draw-major, then t-major order; ``target_input`` is what the feature target sees (the
+    images, or them at its own size)."""
     s, device = model.schedule, model.device
     b, _, h, w = images.shape
-    n_t = len(steps)
+    n_t, n_draws = len(steps), settings.noise_draws
     x0 = images.to(device=device, dtype=torch.float32)
-    # Batch layout: t-major, rows [i*B:(i+1)*B] are all images at steps[i]; all t in one pass.
-    x0_rep = x0.repeat(n_t, 1, 1, 1)
-    t_idx = torch.tensor(steps, dtype=torch.long).repeat_interleave(b).to(device)
+    # Batch layout: rows [(k*|T| + i)*B : (k*|T| + i + 1)*B] are all images at steps[i] in draw
+    # k; every draw and t in one pass.
+    x0_rep = x0.repeat(n_draws * n_t, 1, 1, 1)
+    t_idx = torch.tensor(steps, dtype=torch.long).repeat_interleave(b).repeat(n_draws).to(device)
     x_t = q_sample(s, x0_rep, t_idx, noise.reshape(x0_rep.shape).to(device))
     y = model.class_labels(category, x_t.shape[0])
     size = settings.feature_map_size
@@ -309,22 +314,25 @@ def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Te
         feat_target = model.feature_target(target_x, size=size or h // model.cfg.unet.feature_stride)
     model_out, feat_hat, feat_target = model_out.float(), feat_hat.float(), feat_target.float()
 
-    # Eq. 11, first term: KL in bits, normalised per image and t, then mean over t and channels.
+    # Eq. 11, first term: KL in bits, normalised per image and t, then mean over draws, t and
+    # channels.
     kl = _normalise_per_image(kl_map_bits(s, model_out, x0_rep, x_t, t_idx, clip=True),
                               settings.kl_unbiased_std)
-    kl_map = kl.mean(dim=1).view(n_t, b, h, w).mean(dim=0)
+    kl_map = kl.mean(dim=1).view(n_draws * n_t, b, h, w).mean(dim=0)
 
     # Eq. 11, second term, from the residual of the feature head.
     if feat_hat.shape[1:] != feat_target.shape[1:]:
         raise ValueError(f"UNet feature head gives {tuple(feat_hat.shape[1:])} but the feature "
                          f"target gives {tuple(feat_target.shape[1:])}")
-    residual = feat_hat.view(n_t, b, *feat_hat.shape[1:]) - feat_target
+    # The head's prediction averaged over the draws, then compared with the target.
+    residual = feat_hat.view(n_draws, n_t, b, *feat_hat.shape[1:]).mean(dim=0) - feat_target
     feature_map = feature_term(residual, whitening, (h, w))
 
     rgb_map = None
     if with_rgb:
         pred_x0 = p_mean_variance(s, model_out, x_t, t_idx, clip=True)["pred_x0"]
-        rgb_map = (pred_x0.float() - x0_rep).abs().mean(dim=1).view(n_t, b, h, w).mean(dim=0).cpu()
+        rgb = (pred_x0.float() - x0_rep).abs().mean(dim=1)
+        rgb_map = rgb.view(n_draws * n_t, b, h, w).mean(dim=0).cpu()
     return ComponentMaps(kl=kl_map.cpu(), feature=feature_map.cpu(), rgb=rgb_map,
                          feature_residual=residual.cpu() if with_residual else None)
 
@@ -385,9 +393,9 @@ def score_batch(
 ) -> ScoredBatch:
     """Eq. 11 and the image scores of a batch in [-1, 1] (B, 3, H, W), plus the ablation maps
     ``settings.ablations`` asks for. ``feature_images``: as in :func:`component_maps`."""
-    n_t = len(model.cfg.diffusion.score_timesteps)
+    n_rows = settings.noise_draws * len(model.cfg.diffusion.score_timesteps)
     # One draw of the forward noise for Eq. 11 and for every variant of it (same x_t).
-    noise = torch.randn((n_t, *images.shape), generator=generator, dtype=torch.float32)
+    noise = torch.randn((n_rows, *images.shape), generator=generator, dtype=torch.float32)
     whitening = calibration.whitening if calibration is not None else None
     maps = component_maps(model, images, category, settings, noise=noise,
                           with_rgb="rgb" in settings.ablations, feature_images=feature_images,

@@ -413,3 +413,47 @@ def test_calibration_with_whitening_survives_its_record() -> None:
     again = MapCalibration.from_dict(json.loads(json.dumps(cal.to_dict())))
     assert again == cal and again.whitening.kind == "diagonal"
     assert MapCalibration.from_dict({"kl_mean": 0, "kl_std": 1, "feature_mean": 0, "feature_std": 1}).whitening is None
+
+
+def test_several_noise_draws_average_the_prediction_and_the_kl_map() -> None:
+    """``score.noise_draws`` = K: the KL map is the mean of the K single-draw KL maps, and the
+    feature residual is the head's prediction averaged over the K draws minus the target (so
+    the mean of the single-draw residuals), whitened as one residual."""
+    k = 3
+    many = _smoke_model(**{"score.noise_draws": k})
+    one = _smoke_model()
+    x = _images(2, seed=4)
+    n_t = len(one.cfg.diffusion.score_timesteps)
+    noise = torch.randn(k * n_t, *x.shape, generator=torch.Generator().manual_seed(9))
+    draws = [component_maps(one, x, "weave", one.cfg.score, noise=noise[d * n_t:(d + 1) * n_t],
+                            with_residual=True) for d in range(k)]
+    maps = component_maps(many, x, "weave", many.cfg.score, noise=noise, with_residual=True, with_rgb=True)
+    residual = torch.stack([d.feature_residual for d in draws]).mean(dim=0)
+    assert torch.allclose(maps.kl, torch.stack([d.kl for d in draws]).mean(dim=0), atol=1e-5)
+    assert torch.allclose(maps.feature_residual, residual, atol=1e-5)
+    assert torch.allclose(maps.feature, feature_term(residual, None, (SIZE, SIZE)), atol=1e-5)
+    # Averaging the prediction first is not averaging the squared errors.
+    assert not torch.allclose(maps.feature, torch.stack([d.feature for d in draws]).mean(dim=0), rtol=1e-2)
+    w = fit_feature_whitening(residual, "full")
+    assert torch.allclose(component_maps(many, x, "weave", many.cfg.score, noise=noise, whitening=w).feature,
+                          feature_term(residual, w, (SIZE, SIZE)), atol=1e-5)
+    with pytest.raises(ValueError, match=r"noise must be"):
+        component_maps(many, x, "weave", many.cfg.score, noise=noise[:n_t])
+
+
+def test_score_batch_draws_the_noise_of_every_draw_from_one_generator() -> None:
+    """K = 1 draws exactly the noise it drew before the option existed; K draws the K*|T| rows
+    from the same generator in draw-major order, the first draw's rows first."""
+    one, many = _smoke_model(), _smoke_model(**{"score.noise_draws": 2})
+    x = _images(2)
+    n_t = len(one.cfg.diffusion.score_timesteps)
+    noise = torch.randn(2 * n_t, *x.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_batch(one, x, 0.5, 3).components.feature,
+                       component_maps(one, x, "weave", one.cfg.score, noise=noise[:n_t]).feature)
+    assert torch.equal(_batch(many, x, 0.5, 3).components.feature,
+                       component_maps(many, x, "weave", many.cfg.score, noise=noise).feature)
+
+
+def test_noise_draws_must_be_positive() -> None:
+    with pytest.raises(Exception, match="noise_draws"):
+        load_config("smoke", overrides=["score.noise_draws=0"])
