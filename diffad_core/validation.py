@@ -216,11 +216,18 @@ def needs_scoring_fit(cfg: DiffadConfig) -> bool:
     return bool(cfg.score.calibrate_maps or cfg.score.alpha_per_category)
 
 
+# Scoring settings added after fits were first recorded, with the value every earlier fit was
+# made under: hashed only when set otherwise, so the fits of models trained and registered
+# before they existed keep their keys.
+_SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1}
+
+
 def _scoring_fit_path(folder: Path, cfg: DiffadConfig, category: str) -> Path:
     """``<checkpoint>/scoring/<category>-<key>.json``: the key hashes every scoring setting and
     the seed, so a fit is reused only under the settings it was made with."""
-    blob = json.dumps({"score": cfg.score.model_dump(mode="json"), "seed": cfg.seed},
-                      sort_keys=True, separators=(",", ":"))
+    score = {key: value for key, value in cfg.score.model_dump(mode="json").items()
+             if _SETTINGS_AFTER_THE_FIRST_FITS.get(key, object()) != value}
+    blob = json.dumps({"score": score, "seed": cfg.seed}, sort_keys=True, separators=(",", ":"))
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return Path(folder) / SCORING_FIT_FOLDER / f"{category}-{key}.json"
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import diffad_core.validation as validation
+from diffad_core.config import load_config
 from diffad_core.data import PreparedSplit, split_train_validation
 from diffad_core.data.io import load_image, load_mask
 from diffad_core.data.synth.defects import paint_defects
@@ -199,3 +200,18 @@ def test_ours_star_paints_at_the_target_size_and_derives_the_image_as_from_a_fil
                                    atol=1e-6)
         Image.fromarray(painted_masks[j] * np.uint8(255)).save(mask_path := tmp_path / f"mask{j}.png")
         np.testing.assert_array_equal(small_masks[j], load_mask(mask_path, 32))
+
+
+def test_fits_recorded_before_the_newer_scoring_settings_keep_their_keys(tmp_path) -> None:
+    """A model trained (and registered) before ``score.feature_whitening`` and
+    ``score.noise_draws`` existed recorded its fit under a key that hashes neither; at their
+    old values they leave the key as it was (golden keys computed by the landed code of
+    2026-12-02, commit ff1c7bb), set otherwise they change it."""
+    old = ["score.calibrate_maps=true", "score.feature_whitening=none", "score.noise_draws=1"]
+    assert validation._scoring_fit_path(tmp_path, load_config("cpu", overrides=old), "weave").name \
+        == "weave-340ac03d6e3bf8f3.json"
+    ours = load_config("cpu", overrides=[*old, "score.alpha_per_category=true"])
+    assert validation._scoring_fit_path(tmp_path, ours, "weave").name == "weave-78379ec045ecfdc5.json"
+    for change in ("score.feature_whitening=full", "score.noise_draws=4"):
+        cfg = load_config("cpu", overrides=[*old, change])
+        assert validation._scoring_fit_path(tmp_path, cfg, "weave").name != "weave-340ac03d6e3bf8f3.json"
