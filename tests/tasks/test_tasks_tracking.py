@@ -14,6 +14,7 @@ import pytest
 
 from diffad_core.config import load_config
 from tasks import tracking
+from tests.reliability.test_locks import _holder
 
 
 def test_default_store_is_under_diffad_home(home: Path) -> None:
@@ -104,12 +105,7 @@ def test_a_new_store_is_created_under_the_lock_beside_it(home: Path) -> None:
     """While another process holds the store's lock, opening the store waits and writes
     nothing; once released it creates the schema."""
     db = home.resolve() / "mlflow.db"
-    hold = ("import sys, time\nfrom pathlib import Path\nfrom diffad_core.locks import file_lock\n"
-            "with file_lock(Path(sys.argv[1]), 'x', wait=False):\n"
-            "    print('held', flush=True)\n    time.sleep(3)\n")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(home.resolve() / ".mlflow.db.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = _holder(home.resolve() / ".mlflow.db.lock", 3)
     opened: list[float] = []
     thread = threading.Thread(target=lambda: (tracking.get_client(), opened.append(time.monotonic())))
     began = time.monotonic()
