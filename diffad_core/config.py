@@ -90,6 +90,10 @@ class SynthConfig(_Section):
     n_train: int = 80
     n_test_good: int = 16
     n_test_per_defect: int = 8
+    # Every test defect blended into its clean image at this fraction of its change (1: as
+    # painted). A fainter family for choosing settings (bench/tune_cpu_faint_rule.md); the
+    # training and normal test images do not depend on it.
+    defect_contrast: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
 def _default_sources() -> dict[str, DownloadSource]:
@@ -433,6 +437,7 @@ class DiffadConfig(_Section):
             data.pop(section)
         data["score"] = held_out
         data["data"].pop("name")  # names the dataset in the registry; the same images train the same
+        data["data"]["synth"].pop("defect_contrast")  # test defects only: the same training images
         data.pop("preset")
         return data
 

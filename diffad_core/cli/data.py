@@ -49,6 +49,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--root", required=True, type=Path, help="target folder")
     add_category_argument(p, "only this category (default: weave, gravel, washer, bolt)")
     _add_generator_arguments(p, defaults=None)
+    p.add_argument("--defect-contrast", type=float, default=None, metavar="C",
+                   help="blend every test defect in at this fraction of its change, in (0, 1] "
+                        "(default 1: as painted; a fainter family for choosing settings)")
     add_progress_argument(p)
     command(p, _synth)
 
@@ -134,7 +137,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     fields = {"categories": args.categories, "size": args.size, "seed": args.seed,
               "n_train": args.n_train, "n_test_good": args.n_test_good,
-              "n_test_per_defect": args.n_test_per_defect}
+              "n_test_per_defect": args.n_test_per_defect, "defect_contrast": args.defect_contrast}
     synth_cfg = SynthConfig(**{k: v for k, v in fields.items() if v is not None})
     root = generate_dataset(args.root, synth_cfg, progress=args.progress)
     print(f"synthetic dataset written to {root}")

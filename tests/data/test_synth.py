@@ -225,3 +225,49 @@ def test_tiny_images_always_get_a_defect(size: int) -> None:
                 clean, image, mask = writer._render_sample(category, size, 2, "test", defect, index)
                 assert mask is not None and (mask > 0).sum() >= 4
                 assert ((clean != image).any(axis=-1) <= (mask > 0)).all()
+
+
+def test_fainter_defects_keep_the_normal_images_and_blend_the_defects(tmp_path: Path) -> None:
+    # synth.defect_contrast (bench/tune_cpu_faint_rule.md): the same training and normal test
+    # images, every defect at c of its change, masks still the changed pixels.
+    cfg = SynthConfig(size=48, seed=1, n_train=3, n_test_good=2, n_test_per_defect=3)
+    full = _files(generate_dataset(tmp_path / "full", cfg))
+    faint = _files(generate_dataset(tmp_path / "faint", cfg.model_copy(update={"defect_contrast": 0.35})))
+    assert set(full) == set(faint)
+    normal = [n for n in full if "/good/" in n]
+    defective = [n for n in full if n.endswith(".png") and "/good/" not in n and "ground_truth" not in n]
+    assert len(normal) == 4 * 5 and all(full[n] == faint[n] for n in normal)
+    assert defective and all(full[n] != faint[n] for n in defective)
+    assert json.loads(faint[f"weave/{MARKER_NAME}"])["defect_contrast"] == 0.35
+    assert "defect_contrast" not in json.loads(full[f"weave/{MARKER_NAME}"])
+
+
+@pytest.mark.parametrize("category", list(SYNTH_CATEGORIES))
+def test_a_faint_defect_is_the_painted_one_at_that_contrast(category: str) -> None:
+    c = 0.35
+    blended = 0
+    for defect in CATEGORY_DEFECTS[category]:
+        for index in range(3):
+            clean, strong, strong_mask = writer._render_sample(category, 64, 7, "test", defect, index)
+            _, weak, weak_mask = writer._render_sample(category, 64, 7, "test", defect, index, c)
+            inside = weak_mask > 0
+            assert inside.sum() >= 4 and not ((clean != weak).any(axis=-1) & ~inside).any()
+            change = clean.astype(np.float32) - weak
+            assert np.abs(change).max() <= c * np.abs(clean.astype(np.float32) - strong).max() + 1.0
+            if np.array_equal(inside, strong_mask > 0):  # the same draw (no redraw for either)
+                expected = clean + c * (strong.astype(np.float32) - clean)
+                assert np.abs(weak - expected)[inside].max() <= 1.0, f"{category}/{defect}/{index}"
+                blended += 1
+    assert blended >= len(CATEGORY_DEFECTS[category]) * 2  # most draws are compared pixel for pixel
+
+
+def test_defect_contrast_is_range_checked_and_never_retrains() -> None:
+    from diffad_core.config import load_config
+
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="defect_contrast"):
+            SynthConfig(defect_contrast=bad)
+    base = load_config(preset="cpu-demo")
+    faint = base.with_changes({"data": {"synth": {"defect_contrast": 0.35}}})
+    assert faint.data.synth.defect_contrast == 0.35
+    assert faint.model_hash() == base.model_hash()

@@ -76,11 +76,13 @@ def _rng(seed: int, category: str, split: str, defect: str, index: int) -> np.ra
 
 # ----------------------------------------------------------------------------- one sample
 def _render_sample(category: str, size: int, seed: int, split: str, defect: str,
-                   index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                   index: int, defect_contrast: float = 1.0,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Render one sample: (clean uint8 image, final uint8 image, uint8 {0,255} mask or None).
 
     Images are (S, S, C) with C = 3, or C = 1 for grayscale categories. For "good" samples
-    the clean and final images are the same array and the mask is None.
+    the clean and final images are the same array and the mask is None. A defect is blended
+    into the clean scene at ``defect_contrast`` of its change (``synth.defect_contrast``).
     """
     spec = category_spec(category)
     rng = _rng(seed, category, split, defect, index)
@@ -96,6 +98,8 @@ def _render_sample(category: str, size: int, seed: int, split: str, defect: str,
     min_area = min_defect_area(size)
     for _ in range(MAX_TRIES):
         image, region = paint(scene, rng, severity, lambda: spec.foreign(rng, size))
+        if defect_contrast != 1.0:
+            image = scene.image + np.float32(defect_contrast) * (image - scene.image)
         final = _to_uint8(image)
         # Only pixels that actually changed after quantisation can count as the defect.
         region = region & (final != clean).any(axis=-1) | (region & _interior(region))
@@ -133,6 +137,8 @@ def _marker(category: str, cfg: SynthConfig) -> dict[str, Any]:
         "n_test_per_defect": cfg.n_test_per_defect,
         "defects": list(CATEGORY_DEFECTS[category]),
         "channels": CATEGORY_CHANNELS[category],
+        # Only when set, so folders written before the setting existed stay complete.
+        **({"defect_contrast": cfg.defect_contrast} if cfg.defect_contrast != 1.0 else {}),
     }
 
 
@@ -154,7 +160,8 @@ def _jobs(category: str, cfg: SynthConfig) -> list[tuple[str, str, int]]:
 def _write_category(tmp_dir: Path, category: str, cfg: SynthConfig,
                     tick: Callable[[], None]) -> None:
     for split, defect, index in _jobs(category, cfg):
-        _, image, mask = _render_sample(category, cfg.size, cfg.seed, split, defect, index)
+        _, image, mask = _render_sample(category, cfg.size, cfg.seed, split, defect, index,
+                                        cfg.defect_contrast)
         img_dir = tmp_dir / split / defect
         img_dir.mkdir(parents=True, exist_ok=True)
         _write_png(img_dir / f"{index:03d}.png", image)
