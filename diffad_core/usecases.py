@@ -121,8 +121,9 @@ def checkpoint_lock_path(folder: Path) -> Path:
 
 def load_for_evaluation(checkpoint: Path, run_cfg: DiffadConfig | None = None) -> EvaluationModel:
     """Load a checkpoint to score or reconstruct with ``run_cfg``'s evaluation settings (a
-    cached model trained under other evaluation settings is reused, not retrained)."""
-    model = load_model(checkpoint)
+    cached model trained under other evaluation settings is reused, not retrained). The model
+    loads on ``run_cfg``'s ``runtime.device``; without a run config, anywhere ("auto")."""
+    model = load_model(checkpoint, run_cfg.runtime.device if run_cfg is not None else None)
     cfg = model.cfg if run_cfg is None else model.cfg.with_evaluation_settings(run_cfg)
     set_threads(cfg.runtime.num_threads)
     prepare_for_inference(model, cfg.runtime.channels_last, cfg.runtime.compile_unet)

@@ -129,6 +129,18 @@ def test_golden_smoke_losses(smoke_run):
     assert sum(v for _, v in result.losses[:3]) == pytest.approx(3.4988388, abs=1e-4)
 
 
+def test_evaluation_loads_on_the_runs_device(smoke_run):
+    # The run's runtime.device, not "auto" (a run asked to score on the CPU, or on a CUDA device
+    # this machine lacks, is told so before any work).
+    from diffad_core.usecases import load_for_evaluation
+
+    cfg, out, _, _ = smoke_run
+    assert load_for_evaluation(out, cfg.with_changes({"runtime": {"device": "cpu"}})).model.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="runtime.device='cuda'"):
+            load_for_evaluation(out, cfg.with_changes({"runtime": {"device": "cuda"}}))
+
+
 def test_train_writes_checkpoint_and_load_round_trips(smoke_run):
     cfg, out, result, logs = smoke_run
     for name in ("model.safetensors", "padim.safetensors", "config.json", "meta.json", "train_state.pt"):
