@@ -338,10 +338,17 @@ class RuntimeConfig(_Section):
     local_workers: int = Field(1, ge=1)  # categories run at once by the local executor (threads)
     deployment_name: str = "train-category/train-category"
     # Throughput (issue #11, runtime.prepare_for_inference): channels-last weights for the UNet
-    # when scoring and reconstructing (auto: on CPU, where oneDNN's convs are faster with it;
-    # bench/bench_throughput.txt), torch.compile of the UNet (minutes to compile).
+    # when scoring and reconstructing (auto: on CPU, where oneDNN's convs are faster with it,
+    # bench/bench_throughput.txt; off on CUDA, where NCHW scored 1.3x faster on an H200,
+    # bench/gpu_check.txt), torch.compile of the UNet (minutes to compile).
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile_unet: bool = False
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML reads a bare on / off (``--set runtime.channels_last=on``, a config file) as a bool.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class AutoConfig(_Section):

@@ -52,6 +52,14 @@ def test_set_override_parses_yaml_values():
     assert cfg.data.categories == ["weave"]
 
 
+def test_channels_last_on_and_off_survive_yaml():
+    # YAML 1.1 reads a bare on / off as a bool; `--set runtime.channels_last=on` failed before.
+    for raw, value in (("on", "on"), ("off", "off"), ("auto", "auto"), ('"on"', "on")):
+        assert load_config("smoke", overrides=[f"runtime.channels_last={raw}"]).runtime.channels_last == value
+    with pytest.raises(ConfigError, match="runtime.channels_last"):
+        load_config("smoke", overrides=["runtime.channels_last=sideways"])
+
+
 def test_yaml_file_then_set(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  iterations: 9\nscore:\n  alpha: 0.3\n")
