@@ -265,6 +265,9 @@ class ScoreConfig(_Section):
     # Image score: mean of the top-k pixels of A (the code), optionally after a Gaussian blur of A
     # with this sigma in pixels at the scored size (0: none, as in the code).
     image_score_sigma: float = 0.0
+    # ... then read against the image's own background (ours, bench/tune_cpu_center_rule.md):
+    # none, A - median(A), or (A - median(A)) / IQR(A), each over the image's pixels.
+    image_score_center: Literal["none", "median", "robust"] = "none"
     batch_size: int = 8
     keep_component_maps: bool = True  # keep KL and feature maps in the parquet
     ablations: list[Literal[ABLATIONS]] = Field(default_factory=list)  # scorers beside Eq. 11

@@ -201,10 +201,23 @@ def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def image_scores(anomaly: torch.Tensor, settings: ScoreConfig) -> torch.Tensor:
-    """Image score: the top-k mean of A (METHOD.md §3), after an optional Gaussian blur."""
+    """Image score: the top-k mean of A (METHOD.md §3), after an optional Gaussian blur and,
+    with ``score.image_score_center``, against the image's own median (and interquartile range)."""
     maps = _gaussian_blur(anomaly, settings.image_score_sigma) if settings.image_score_sigma > 0 else anomaly
+    if settings.image_score_center != "none":
+        maps = _centred(maps, robust=settings.image_score_center == "robust")
     k = int(settings.top_k) if settings.top_k else default_top_k(tuple(anomaly.shape[-2:]))
     return top_k_mean(maps, k)
+
+
+def _centred(maps: torch.Tensor, robust: bool) -> torch.Tensor:
+    """(B, H, W) maps minus each one's median over its pixels; divided by its interquartile
+    range (at least 1e-6) too when ``robust``."""
+    flat = maps.reshape(maps.shape[0], -1)
+    q25, q50, q75 = torch.quantile(flat, torch.tensor([0.25, 0.5, 0.75], dtype=flat.dtype), dim=1)
+    shape = (-1,) + (1,) * (maps.dim() - 1)
+    out = maps - q50.view(shape)
+    return out / (q75 - q25).clamp_min(1e-6).view(shape) if robust else out
 
 
 def _normalise_per_image(x: torch.Tensor, unbiased: bool) -> torch.Tensor:

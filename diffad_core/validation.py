@@ -219,7 +219,7 @@ def needs_scoring_fit(cfg: DiffadConfig) -> bool:
 # Scoring settings added after fits were first recorded, with the value every earlier fit was
 # made under: hashed only when set otherwise, so the fits of models trained and registered
 # before they existed keep their keys.
-_SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1}
+_SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1, "image_score_center": "none"}
 
 
 def _scoring_fit_path(folder: Path, cfg: DiffadConfig, category: str) -> Path:

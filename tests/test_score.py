@@ -103,6 +103,26 @@ def test_top_k_mean() -> None:
     assert torch.allclose(top_k_mean(maps, 1000), maps.flatten(1).mean(1))
 
 
+def test_image_score_against_the_images_own_background() -> None:
+    # score.image_score_center (bench/tune_cpu_center_rule.md): median removes each image's own
+    # level, robust its level and spread; none is the plain top-k mean.
+    settings = load_config("smoke").score
+    maps = 0.5 * torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps[:, 2:6, 2:6] += torch.arange(16.0).view(4, 4)  # a peak on a quarter of the pixels
+    shifted = maps * torch.tensor([3.0, 0.5]).view(2, 1, 1) + torch.tensor([10.0, -4.0]).view(2, 1, 1)
+    read = {c: settings.model_copy(update={"image_score_center": c, "top_k": 3})
+            for c in ("none", "median", "robust")}
+    assert torch.allclose(image_scores(maps, read["none"]), top_k_mean(maps, 3))
+    median = torch.quantile(maps.flatten(1), 0.5, dim=1)
+    assert torch.allclose(image_scores(maps, read["median"]), top_k_mean(maps, 3) - median)
+    offset_only = maps + torch.tensor([10.0, -4.0]).view(2, 1, 1)
+    assert torch.allclose(image_scores(offset_only, read["median"]), image_scores(maps, read["median"]), atol=1e-5)
+    assert torch.allclose(image_scores(shifted, read["robust"]), image_scores(maps, read["robust"]), atol=1e-4)
+    assert not torch.allclose(image_scores(shifted, read["median"]), image_scores(maps, read["median"]))
+    flat = torch.full((1, 8, 8), 2.0)  # no spread: the IQR floor keeps it finite
+    assert torch.isfinite(image_scores(flat, read["robust"])).all()
+
+
 def test_kl_normalisation_is_per_image_over_chw() -> None:
     x = torch.randn(3, 3, 8, 8) * torch.tensor([1.0, 5.0, 0.1]).view(3, 1, 1, 1) + 7.0
     for unbiased in (False, True):
