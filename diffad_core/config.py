@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -347,12 +348,6 @@ class RuntimeConfig(_Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile_unet: bool = False
 
-    @field_validator("channels_last", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, v: Any) -> Any:
-        # YAML reads a bare on / off (``--set runtime.channels_last=on``, a config file) as a bool.
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
 
 class AutoConfig(_Section):
     """Settings fitted to the data a user brings (``data_fit.fit_to_data``; the ``cpu`` preset):
@@ -492,6 +487,25 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for config values with YAML 1.2's booleans: only true / false. YAML 1.1 also reads
+    on / off / yes / no as booleans, which turned settings such as ``runtime.channels_last=on``
+    or ``score.amp=off`` into a bool that their choices then rejected; they stay strings here
+    (a bool setting still takes them: pydantic reads "on" / "off" / "yes" / "no" as booleans)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def _parse_set(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -499,7 +513,7 @@ def _parse_set(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set has an empty key in {item!r}")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _load_yaml(raw) if raw.strip() else None
     return key.split("."), value
 
 
@@ -525,7 +539,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file, with a clear error naming the file otherwise."""
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _load_yaml(path.read_text()) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
     except yaml.YAMLError as exc:

@@ -52,12 +52,20 @@ def test_set_override_parses_yaml_values():
     assert cfg.data.categories == ["weave"]
 
 
-def test_channels_last_on_and_off_survive_yaml():
-    # YAML 1.1 reads a bare on / off as a bool; `--set runtime.channels_last=on` failed before.
+def test_on_and_off_stay_strings_in_yaml(tmp_path):
+    # YAML 1.1 reads a bare on / off as a bool; `--set runtime.channels_last=on` and
+    # `--set score.amp=off` failed before. Bool settings still take on / off / yes / no.
     for raw, value in (("on", "on"), ("off", "off"), ("auto", "auto"), ('"on"', "on")):
         assert load_config("smoke", overrides=[f"runtime.channels_last={raw}"]).runtime.channels_last == value
+    assert load_config("smoke", overrides=["score.amp=off"]).score.amp == "off"
     with pytest.raises(ConfigError, match="runtime.channels_last"):
         load_config("smoke", overrides=["runtime.channels_last=sideways"])
+    for raw, value in (("true", True), ("False", False), ("on", True), ("no", False)):
+        assert load_config("smoke", overrides=[f"runtime.compile_unet={raw}"]).runtime.compile_unet is value
+    f = tmp_path / "c.yaml"
+    f.write_text("score:\n  amp: off\nruntime:\n  channels_last: on\n  compile_unet: yes\n")
+    cfg = load_config("smoke", f)
+    assert (cfg.score.amp, cfg.runtime.channels_last, cfg.runtime.compile_unet) == ("off", "on", True)
 
 
 def test_yaml_file_then_set(tmp_path):
