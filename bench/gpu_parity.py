@@ -26,6 +26,7 @@ import torch
 from diffad_core.config import load_config
 from diffad_core.data import prepare_split, resolve_dataset
 from diffad_core.metrics import image_auroc, pixel_auroc
+from diffad_core.model import stored_config
 from diffad_core.score import score_split
 from diffad_core.usecases import load_for_evaluation, train_category
 
@@ -36,12 +37,11 @@ CUDA_VARIANTS = (("cuda fp32", "cuda", "off", False), ("cuda tf32", "cuda", "off
 MAPS = ("anomaly_map", "kl_map", "feature_map")
 
 
-def _score(checkpoint: Path, cfg, category: str, device: str, amp: str, tf32: bool) -> dict:
+def _score(checkpoint: Path, cfg, prepared, device: str, amp: str, tf32: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     run = cfg.with_changes({"runtime": {"device": device}, "score": {"amp": amp}})
     ev = load_for_evaluation(checkpoint, run)
-    prepared = prepare_split(ev.cfg, category, "test")
     recs = list(score_split(ev.model, prepared, ev.cfg.score, alpha=ev.cfg.score.alpha,
                             seed=ev.cfg.seed, progress=False))
     out = {name: np.stack([getattr(r, name) for r in recs]).astype(np.float64) for name in MAPS}
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     # With CUDA the CPU's bf16 row is left out: at paper size it is minutes of CPU time.
     variants = (CPU_VARIANTS[0], *CUDA_VARIANTS) if cuda else CPU_VARIANTS
-    runs = {name: _score(home / "ck", cfg, args.category, dev, amp, tf32)
+    # The same images for every run, prepared as the trained model's config says.
+    prepared = prepare_split(stored_config(home / "ck"), args.category, "test")
+    runs = {name: _score(home / "ck", cfg, prepared, dev, amp, tf32)
             for name, dev, amp, tf32 in variants}
     ref = runs["cpu fp32"]
     device = torch.cuda.get_device_name() if cuda else "no CUDA device (CPU rows only)"
