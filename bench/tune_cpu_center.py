@@ -31,23 +31,12 @@ ALPHA = 0.1  # the cpu preset's, round nine (checked in main())
 
 def _rows(category: str) -> list[dict]:
     """Both families' maps of one model, then each candidate's metrics."""
-    os.environ["DIFFAD_HOME"] = str(faint.HOME)
-    from diffad_core.data import prepare_split
     from diffad_core.metrics import image_auroc, pixel_auroc, pro_score
-    from diffad_core.score import image_scores, score_split
-    from diffad_core.usecases import load_for_evaluation
-    from diffad_core.validation import calibrate
+    from diffad_core.score import image_scores
 
-    torch.set_num_threads(1)
-    ev = load_for_evaluation(faint.HOME / "ck" / "feat256" / category)
-    settings = ev.cfg.score.model_copy(update={**faint.PRESET_SCORING, "alpha": ALPHA})
-    cfg = ev.cfg.model_copy(update={"score": settings})
-    calibration = calibrate(ev.model, cfg, category)
+    settings, _, records = faint.scored_families(category, ALPHA)
     rows = []
-    for family, root in faint.FAMILIES.items():
-        prepared = prepare_split(cfg.with_changes({"data": {"root": str(root)}}), category, "test")
-        recs = list(score_split(ev.model, prepared, settings, alpha=ALPHA, calibration=calibration,
-                                seed=cfg.seed, progress=False))
+    for family, recs in records.items():
         anomaly = torch.from_numpy(np.stack([r.anomaly_map for r in recs]))
         masks = np.stack([r.mask for r in recs])
         labels = np.array([r.label for r in recs])

@@ -73,27 +73,38 @@ def _train(category: str) -> float:
     return time.perf_counter() - start
 
 
-def _maps(category: str) -> list[dict]:
-    """Both families' test maps of one model, then every candidate's metrics."""
+def scored_families(category: str, alpha: float):
+    """One model scores both families' test splits once (fixed seed), with round eight's scoring
+    at ``alpha`` and one calibration on its held-out training normals: (score settings,
+    calibration, {family: score records})."""
     os.environ["DIFFAD_HOME"] = str(HOME)
     from diffad_core.data import prepare_split
-    from diffad_core.metrics import image_auroc, pixel_auroc, pro_score
-    from diffad_core.score import ComponentMaps, anomaly_map, image_scores, score_split
+    from diffad_core.score import score_split
     from diffad_core.usecases import load_for_evaluation
     from diffad_core.validation import calibrate
 
     torch.set_num_threads(1)
     ev = load_for_evaluation(HOME / "ck" / "feat256" / category)
-    settings = ev.cfg.score.model_copy(update=PRESET_SCORING)
+    settings = ev.cfg.score.model_copy(update={**PRESET_SCORING, "alpha": alpha})
     cfg = ev.cfg.model_copy(update={"score": settings})
-    start = time.perf_counter()
-    calibration = calibrate(ev.model, cfg, category)  # held-out training normals: one for both
-    rows = []
+    calibration = calibrate(ev.model, cfg, category)
+    records = {}
     for family, root in FAMILIES.items():
-        family_cfg = cfg.with_changes({"data": {"root": str(root)}})
-        prepared = prepare_split(family_cfg, category, "test")
-        recs = list(score_split(ev.model, prepared, settings, alpha=0.5, calibration=calibration,
-                                seed=cfg.seed, progress=False))
+        prepared = prepare_split(cfg.with_changes({"data": {"root": str(root)}}), category, "test")
+        records[family] = list(score_split(ev.model, prepared, settings, alpha=alpha,
+                                           calibration=calibration, seed=cfg.seed, progress=False))
+    return settings, calibration, records
+
+
+def _maps(category: str) -> list[dict]:
+    """Both families' test maps of one model, then every candidate's metrics."""
+    from diffad_core.metrics import image_auroc, pixel_auroc, pro_score
+    from diffad_core.score import ComponentMaps, anomaly_map, image_scores
+
+    start = time.perf_counter()
+    settings, calibration, records = scored_families(category, 0.5)
+    rows = []
+    for family, recs in records.items():
         maps = ComponentMaps(kl=torch.from_numpy(np.stack([r.kl_map for r in recs])),
                              feature=torch.from_numpy(np.stack([r.feature_map for r in recs])))
         masks = np.stack([r.mask for r in recs])
