@@ -14,6 +14,7 @@ the candidates only mix and read its two maps differently. Output: bench/tune_cp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -73,10 +74,10 @@ def _train(category: str) -> float:
     return time.perf_counter() - start
 
 
-def scored_families(category: str, alpha: float):
+def scored_families(category: str, alpha: float, timesteps: list[int] | None = None):
     """One model scores both families' test splits once (fixed seed), with round eight's scoring
-    at ``alpha`` and one calibration on its held-out training normals: (score settings,
-    calibration, {family: score records})."""
+    at ``alpha`` (and Eq. 11's steps ``timesteps``; None: the model's own) and one calibration on
+    its held-out training normals: (score settings, calibration, {family: score records})."""
     os.environ["DIFFAD_HOME"] = str(HOME)
     from diffad_core.data import prepare_split
     from diffad_core.score import score_split
@@ -87,11 +88,15 @@ def scored_families(category: str, alpha: float):
     ev = load_for_evaluation(HOME / "ck" / "feat256" / category)
     settings = ev.cfg.score.model_copy(update={**PRESET_SCORING, "alpha": alpha})
     cfg = ev.cfg.model_copy(update={"score": settings})
-    calibration = calibrate(ev.model, cfg, category)
+    model = ev.model
+    if timesteps is not None:
+        cfg = cfg.with_changes({"diffusion": {"score_timesteps": list(timesteps)}})
+        model = dataclasses.replace(model, cfg=cfg)
+    calibration = calibrate(model, cfg, category)
     records = {}
     for family, root in FAMILIES.items():
         prepared = prepare_split(cfg.with_changes({"data": {"root": str(root)}}), category, "test")
-        records[family] = list(score_split(ev.model, prepared, settings, alpha=alpha,
+        records[family] = list(score_split(model, prepared, settings, alpha=alpha,
                                            calibration=calibration, seed=cfg.seed, progress=False))
     return settings, calibration, records
 
