@@ -56,17 +56,20 @@ def _generate() -> None:
                 raise SystemExit(f"{category}/{split}: the faint family's normal images differ")
 
 
-def _train(category: str) -> float:
-    """Round eight's ``feat256`` training of one category (bench/tune_cpu.py's command), unless
-    its model is already there. Training does not depend on the settings chosen here."""
-    out = HOME / "ck" / "feat256" / category
+def _train(category: str, training: str = "feat256", extra: tuple[str, ...] = ()) -> float:
+    """Round eight's ``feat256`` training of one category (bench/tune_cpu.py's command), with
+    the ``--set`` overrides ``extra`` under the name ``training``, unless its model is already
+    there: the seconds it took, 0 then. Training does not depend on the settings chosen here."""
+    out = HOME / "ck" / training / category
     if out.exists():
         return 0.0
     logs = HOME / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    sets = [f"data.root={FAMILIES['full']}", "auto.max_image_size=64", "auto.max_feature_size=256"]
+    base = [f"data.root={FAMILIES['full']}", "auto.max_image_size=64", "auto.max_feature_size=256"]
+    keys = {x.split("=", 1)[0] for x in extra}
+    sets = [x for x in base if x.split("=", 1)[0] not in keys] + list(extra)
     start = time.perf_counter()
-    with (logs / f"feat256.{category}.train.log").open("w") as fh:
+    with (logs / f"{training}.{category}.train.log").open("w") as fh:
         subprocess.run([DIFFAD, "train", "--preset", "cpu", "--category", category, "--out", str(out),
                         "--no-progress", *[x for s in sets for x in ("--set", s)]],
                        env=dict(os.environ, DIFFAD_HOME=str(HOME)), stdout=fh,
@@ -74,10 +77,12 @@ def _train(category: str) -> float:
     return time.perf_counter() - start
 
 
-def scored_families(category: str, alpha: float, timesteps: list[int] | None = None):
-    """One model scores both families' test splits once (fixed seed), with round eight's scoring
-    at ``alpha`` (and Eq. 11's steps ``timesteps``; None: the model's own) and one calibration on
-    its held-out training normals: (score settings, calibration, {family: score records})."""
+def scored_families(category: str, alpha: float, timesteps: list[int] | None = None,
+                    training: str = "feat256"):
+    """One model (``$TUNE_HOME/ck/<training>``) scores both families' test splits once (fixed
+    seed), with round eight's scoring at ``alpha`` (and Eq. 11's steps ``timesteps``; None: the
+    model's own) and one calibration on its held-out training normals: (score settings,
+    calibration, {family: score records})."""
     os.environ["DIFFAD_HOME"] = str(HOME)
     from diffad_core.data import prepare_split
     from diffad_core.score import score_split
@@ -85,7 +90,7 @@ def scored_families(category: str, alpha: float, timesteps: list[int] | None = N
     from diffad_core.validation import calibrate
 
     torch.set_num_threads(1)
-    ev = load_for_evaluation(HOME / "ck" / "feat256" / category)
+    ev = load_for_evaluation(HOME / "ck" / training / category)
     settings = ev.cfg.score.model_copy(update={**PRESET_SCORING, "alpha": alpha})
     cfg = ev.cfg.model_copy(update={"score": settings})
     model = ev.model

@@ -15,6 +15,10 @@ models) and is applied once, right after the dataset is resolved:
   thin defects without making a training step dearer;
 - **network depth:** one UNet level per halving of the network's input (the crop, else the
   image) down to 16 px (attention at 16 px); the feature head reads H/4;
+- **network width:** ``unet.base_channels`` is the width at 64 px; a larger input gets it
+  scaled by 64 / side, rounded down to a multiple of 16 and at least 16, so that a 128 px
+  network costs about 1.3 times a 64 px one per step instead of 3.3 times
+  (bench/tune_cpu_narrow_rule.md); never wider than ``unet.base_channels``;
 - **training length:** as many steps as fit ``auto.train_share`` of ``auto.time_budget_minutes``
   for all categories on ``runtime.local_workers`` workers, from a cost per training image (crop)
   measured on this project's 2-core machine (``_SECONDS_PER_IMAGE_AT_64``), at least 150 and at
@@ -41,6 +45,11 @@ _SECONDS_PER_IMAGE_AT_64 = 0.082
 # One Lite0 pass (strides 4 and 8) per training image at 256 px, one thread: 0.083 s for a batch
 # of 4 on this project's 2-core machine (session 5); scaled with the area at other sizes.
 _SECONDS_PER_TARGET_IMAGE_AT_256 = 0.021
+# The UNet's cost per image against its width, as (width / 32) ** this: 0.151 s at 16 channels
+# against 0.410 s at 32, 128 px, one process (bench/tune_cpu_narrow_rule.md's table, the
+# target's share taken off).
+_WIDTH_COST_EXPONENT = 1.44
+_WIDTH_STEP, _MIN_WIDTH = 16, 16
 _MIN_STEPS, _MAX_STEPS = 150, 1500
 _SIZES_CHECKED = 8  # train images per category whose header is read
 
@@ -68,10 +77,19 @@ def unet_levels(size: int) -> list[int]:
     return [1] + [2] * (n - 1)
 
 
-def training_steps(cfg: DiffadConfig, size: int, n_categories: int, feature_size: int | None = None) -> int:
+def unet_width(base_channels: int, size: int) -> int:
+    """The base width for a ``size`` px input: ``base_channels`` (the width at 64 px) scaled by
+    64 / size, rounded down to a multiple of 16, between 16 and ``base_channels``."""
+    scaled = (base_channels * 64 // max(size, 1)) // _WIDTH_STEP * _WIDTH_STEP
+    return max(min(_MIN_WIDTH, base_channels), min(base_channels, scaled))
+
+
+def training_steps(cfg: DiffadConfig, size: int, n_categories: int, feature_size: int | None = None,
+                   width: int = 32) -> int:
     """Steps that fit the training share of the time budget (see the module docstring);
-    ``feature_size``: the side of the feature target's own input, when it has one."""
-    per_image = _SECONDS_PER_IMAGE_AT_64 * (size / 64) ** 2
+    ``feature_size``: the side of the feature target's own input, when it has one; ``width``:
+    the UNet's base channels."""
+    per_image = _SECONDS_PER_IMAGE_AT_64 * (size / 64) ** 2 * (width / 32) ** _WIDTH_COST_EXPONENT
     if feature_size is not None:
         per_image += _SECONDS_PER_TARGET_IMAGE_AT_256 * (feature_size / 256) ** 2
     per_step = per_image * cfg.train.batch_size
@@ -94,11 +112,12 @@ def fit_to_data(cfg: DiffadConfig, root: Path) -> DiffadConfig:
         feature_size = fitted_image_size(native, cfg.auto.max_feature_size)
         feature_size = feature_size if feature_size > size else None
     mult = unet_levels(crop or size)
-    steps = training_steps(cfg, crop or size, len(categories), feature_size)
+    width = unet_width(cfg.unet.base_channels, crop or size)
+    steps = training_steps(cfg, crop or size, len(categories), feature_size, width)
     update = {
         "data": {"image_size": size, "train_crop": crop},
         "features": {"image_size": feature_size},
-        "unet": {"channel_mult": mult, "attention_resolutions": [16]},
+        "unet": {"channel_mult": mult, "attention_resolutions": [16], "base_channels": width},
         "train": {"iterations": steps, "checkpoint_every": max(1, steps // 2)},
         "auto": {"fitted": True},
     }

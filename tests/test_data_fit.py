@@ -8,7 +8,7 @@ import pytest
 
 from diffad_core.config import load_config
 from diffad_core.data.heldout import generate_heldout
-from diffad_core.data_fit import fit_to_data, fitted_image_size, training_steps, unet_levels
+from diffad_core.data_fit import fit_to_data, fitted_image_size, training_steps, unet_levels, unet_width
 
 
 def test_image_size_keeps_thin_defects_within_the_cap() -> None:
@@ -19,6 +19,14 @@ def test_image_size_keeps_thin_defects_within_the_cap() -> None:
     assert unet_levels(256) == [1, 2, 2, 2, 2]
 
 
+def test_width_halves_with_twice_the_side() -> None:
+    """unet.base_channels is the width at 64 px: a larger input is narrower (multiples of 16,
+    at least 16), a smaller one never wider than the preset's."""
+    assert unet_width(32, 64) == 32 and unet_width(32, 48) == 32
+    assert unet_width(32, 128) == 16 and unet_width(32, 256) == 16 and unet_width(32, 96) == 16
+    assert unet_width(64, 128) == 32 and unet_width(16, 128) == 16 and unet_width(8, 128) == 8
+
+
 def test_training_length_follows_the_budget() -> None:
     cfg = load_config("cpu")
     small, large = training_steps(cfg, 64, 4), training_steps(cfg, 128, 4)
@@ -26,6 +34,22 @@ def test_training_length_follows_the_budget() -> None:
     more = cfg.model_copy(update={"auto": cfg.auto.model_copy(update={"time_budget_minutes": 50})})
     assert training_steps(more, 128, 4) > large
     assert training_steps(cfg, 128, 8) < large or training_steps(cfg, 128, 8) == 150
+    narrow = training_steps(cfg, 128, 4, width=16)
+    assert large < narrow < small  # half the width: cheaper, not as cheap as a quarter of the pixels
+
+
+def test_fit_narrows_a_larger_network(tmp_path: Path) -> None:
+    """A 128 px fit gets half the preset's width and the training length of that width; at the
+    preset's 64 px cap the width stays the preset's."""
+    root = generate_heldout(tmp_path / "d", size=128, n_train=3, n_test_good=1, n_test_per_defect=1,
+                            categories=["brick"])
+    cfg = load_config("cpu", overrides=[f"data.root={root}", "auto.max_image_size=128"])
+    fitted = fit_to_data(cfg, root)
+    assert fitted.data.image_size == 128 and fitted.unet.base_channels == 16
+    assert fitted.unet.channel_mult == [1, 2, 2, 2]
+    assert fitted.train.iterations == training_steps(cfg, 128, 1, None, 16)
+    assert fitted.train.iterations > training_steps(cfg, 128, 1, None, 32)
+    assert fit_to_data(load_config("cpu", overrides=[f"data.root={root}"]), root).unet.base_channels == 32
 
 
 def test_fit_to_a_folder(tmp_path: Path) -> None:
