@@ -258,6 +258,11 @@ class ScoreConfig(_Section):
     # scoring step: per channel ("diagonal") or as a C x C matrix ("full"); "none": the paper's
     # plain mean over channels (ours, docs/method.md "Whitened feature residual").
     feature_whitening: Literal["none", "diagonal", "full"] = "none"
+    # Calibrate each term per position: its mean over the held-out normals taken at every pixel,
+    # blurred by a Gaussian of this sigma in px at a 64 px map (scaled with the map's side; 0:
+    # not blurred), then the std of the term less that mean (ours,
+    # bench/tune_cpu_position_rule.md); None: one mean per term, as calibrate_maps alone.
+    position_mean_sigma: float | None = None
     # Forward-noise draws per scoring step: each image is noised K times at every t, the head's
     # prediction averaged over the draws before Eq. 11's feature residual and the KL map averaged
     # over them (ours, docs/method.md "Several noise draws"); 1: one draw, as the paper.
@@ -301,6 +306,12 @@ class ScoreConfig(_Section):
             raise ValueError(f"score.feature_whitening={self.feature_whitening} needs "
                              "score.calibrate_maps=true: its statistics come from the held-out "
                              "normal images the calibration uses")
+        if self.position_mean_sigma is not None and not self.calibrate_maps:
+            raise ValueError(f"score.position_mean_sigma={self.position_mean_sigma} needs "
+                             "score.calibrate_maps=true: its means come from the held-out "
+                             "normal images the calibration uses")
+        if self.position_mean_sigma is not None and self.position_mean_sigma < 0:
+            raise ValueError("score.position_mean_sigma must be >= 0 or null")
         return self
 
 

@@ -88,8 +88,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # with its defects at 0.35 of their contrast, 0.841 against 0.804 at alpha 0.5 (0.978
         # against 0.967 at full contrast); the image score stays the top-4 mean, unblurred
         # (bench/tune_cpu_faint_rule.md, bench/tune_cpu_faint.txt).
+        # Each term's mean taken per position on the held-out normals, blurred (sigma 2 px at
+        # 64 px): 0.848 against 0.841 with one mean per term on the faint family, 0.977 against
+        # 0.978 at full contrast (bench/tune_cpu_position_rule.md, bench/tune_cpu_position.txt).
         "score": {"batch_size": 8, "calibrate_maps": True, "validation_fraction": 0.1,
                   "feature_whitening": "full", "noise_draws": 4, "alpha": 0.1,
+                  "position_mean_sigma": 2.0,
                   "ablations": ["kl", "feature", "padim"], **_REFINED_SCORE},
         "reconstruct": {"rounds": 20, "max_images_per_category": 4},
         "runtime": {"num_threads": 1, "local_workers": 2},

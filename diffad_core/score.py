@@ -93,12 +93,36 @@ def fit_feature_whitening(residual: torch.Tensor, kind: Literal["diagonal", "ful
 
 
 @dataclass(frozen=True)
+class PositionMeans:
+    """Per-position means of the two terms of Eq. 11 on held-out normal images, (H, W) each at
+    the scored size (``score.position_mean_sigma``; ours, bench/tune_cpu_position_rule.md)."""
+
+    kl: torch.Tensor
+    feature: torch.Tensor
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, PositionMeans) and torch.equal(self.kl, other.kl)
+                and torch.equal(self.feature, other.feature))
+
+    __hash__ = None  # mutable tensors inside: not hashable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kl": self.kl.tolist(), "feature": self.feature.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PositionMeans:
+        return cls(kl=torch.tensor(data["kl"], dtype=torch.float32),
+                   feature=torch.tensor(data["feature"], dtype=torch.float32))
+
+
+@dataclass(frozen=True)
 class MapCalibration:
     """Statistics of the KL and feature maps on held-out normal images (ours, issue #8):
     Eq. 11 mixes ``(KL - kl_mean) / kl_std`` and ``(feature - feature_mean) / feature_std``,
     so alpha weighs two maps of one scale on every dataset. ``whitening``: the weights of the
     feature residual (``score.feature_whitening``); the feature statistics are of the map it
-    gives."""
+    gives. ``position_means``: when set, each term's mean is taken per position (its std is
+    then that of the term less those means)."""
 
     kl_mean: float
     kl_std: float
@@ -106,19 +130,31 @@ class MapCalibration:
     feature_std: float
     n_images: int = 0
     whitening: FeatureWhitening | None = None
+    position_means: PositionMeans | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kl_mean": self.kl_mean, "kl_std": self.kl_std, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, "n_images": self.n_images,
-                "whitening": self.whitening.to_dict() if self.whitening else None}
+                "whitening": self.whitening.to_dict() if self.whitening else None,
+                "position_means": self.position_means.to_dict() if self.position_means else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MapCalibration:
-        whitening = data.get("whitening")
+        whitening, means = data.get("whitening"), data.get("position_means")
         return cls(kl_mean=float(data["kl_mean"]), kl_std=float(data["kl_std"]),
                    feature_mean=float(data["feature_mean"]), feature_std=float(data["feature_std"]),
                    n_images=int(data.get("n_images", 0)),
-                   whitening=FeatureWhitening.from_dict(whitening) if whitening else None)
+                   whitening=FeatureWhitening.from_dict(whitening) if whitening else None,
+                   position_means=PositionMeans.from_dict(means) if means else None)
+
+    def centres(self, shape: tuple[int, int]) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """The (KL, feature) means to subtract from maps of spatial ``shape``."""
+        if self.position_means is None:
+            return self.kl_mean, self.feature_mean
+        if tuple(self.position_means.kl.shape) != tuple(shape):
+            raise ValueError(f"the calibration's per-position means are {tuple(self.position_means.kl.shape)}, "
+                             f"the maps {tuple(shape)}: calibrate again at the scored size")
+        return self.position_means.kl, self.position_means.feature
 
 
 @dataclass
@@ -379,8 +415,9 @@ def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration |
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     kl, feature = maps.kl, maps.feature
     if calibration is not None:
-        kl = (kl - calibration.kl_mean) / calibration.kl_std
-        feature = (feature - calibration.feature_mean) / calibration.feature_std
+        kl_centre, feature_centre = calibration.centres(tuple(kl.shape[-2:]))
+        kl = (kl - kl_centre) / calibration.kl_std
+        feature = (feature - feature_centre) / calibration.feature_std
     return alpha * kl + (1.0 - alpha) * feature
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from diffad_core._atomic import atomic_write_text
 from diffad_core.config import DiffadConfig
@@ -35,6 +36,7 @@ from diffad_core.score import (
     ComponentMaps,
     FeatureWhitening,
     MapCalibration,
+    PositionMeans,
     anomaly_map,
     component_maps,
     feature_term,
@@ -116,11 +118,25 @@ def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibr
     if kind != "none":
         whitening = fit_feature_whitening(maps.feature_residual, kind)
         feature = feature_term(maps.feature_residual, whitening, tuple(maps.feature.shape[-2:]))
+    sigma = cfg.score.position_mean_sigma
+    means = None if sigma is None else PositionMeans(kl=_position_mean(maps.kl, sigma),
+                                                     feature=_position_mean(feature, sigma))
+    kl_spread = maps.kl if means is None else maps.kl - means.kl
+    feature_spread = feature if means is None else feature - means.feature
     return MapCalibration(
-        kl_mean=float(maps.kl.mean()), kl_std=max(float(maps.kl.std()), 1e-12),
-        feature_mean=float(feature.mean()), feature_std=max(float(feature.std()), 1e-12),
-        n_images=len(normal), whitening=whitening,
+        kl_mean=float(maps.kl.mean()), kl_std=max(float(kl_spread.std()), 1e-12),
+        feature_mean=float(feature.mean()), feature_std=max(float(feature_spread.std()), 1e-12),
+        n_images=len(normal), whitening=whitening, position_means=means,
     )
+
+
+def _position_mean(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The mean over images of (N, H, W) maps per position, blurred by a Gaussian of ``sigma``
+    px at a 64 px map, scaled with the maps' side (0: not blurred)."""
+    mean = maps.double().mean(dim=0).numpy()
+    if sigma > 0:
+        mean = ndimage.gaussian_filter(mean, sigma * mean.shape[-1] / 64, mode="nearest")
+    return torch.from_numpy(np.ascontiguousarray(mean)).float()
 
 
 def _as_read_from_files(images: np.ndarray, masks: np.ndarray,
@@ -219,7 +235,8 @@ def needs_scoring_fit(cfg: DiffadConfig) -> bool:
 # Scoring settings added after fits were first recorded, with the value every earlier fit was
 # made under: hashed only when set otherwise, so the fits of models trained and registered
 # before they existed keep their keys.
-_SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1, "image_score_center": "none"}
+_SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1, "image_score_center": "none",
+                                  "position_mean_sigma": None}
 
 
 def _scoring_fit_path(folder: Path, cfg: DiffadConfig, category: str) -> Path:

@@ -162,3 +162,13 @@ def test_feature_whitening_needs_the_calibration_and_is_an_evaluation_setting():
     # Scoring only: a trained model is reused under any whitening.
     plain = load_config("cpu", overrides=["score.feature_whitening=none"])
     assert plain.model_hash() == cfg.model_hash()
+
+
+def test_position_means_need_the_calibration_and_are_an_evaluation_setting():
+    cfg = load_config("cpu")
+    assert cfg.score.position_mean_sigma == 2.0 and load_config("paper").score.position_mean_sigma is None
+    with pytest.raises(ConfigError, match="score.position_mean_sigma=2.0 needs score.calibrate_maps=true"):
+        load_config("smoke", overrides=["score.position_mean_sigma=2"])
+    with pytest.raises(ConfigError, match="position_mean_sigma must be >= 0 or null"):
+        load_config("cpu", overrides=["score.position_mean_sigma=-1"])
+    assert load_config("cpu", overrides=["score.position_mean_sigma=null"]).model_hash() == cfg.model_hash()

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import diffad_core.validation as validation
@@ -14,7 +15,7 @@ from diffad_core.data import PreparedSplit, split_train_validation
 from diffad_core.data.io import load_image, load_mask
 from diffad_core.data.synth.defects import paint_defects
 from diffad_core.overlay import to_uint8_image
-from diffad_core.score import fit_feature_whitening
+from diffad_core.score import ComponentMaps, anomaly_map, fit_feature_whitening
 from tests.test_score import _prepared, _smoke_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,6 +146,38 @@ def test_calibration_fits_the_whitening_and_standardises_the_whitened_map(train_
     assert plain.whitening is None and plain.kl_mean == cal.kl_mean
 
 
+def test_calibration_per_position_subtracts_the_normals_mean_at_each_pixel(train_only: list[str], tmp_path) -> None:
+    """score.position_mean_sigma: each term's mean over the held-out normals per position (0:
+    as it is; > 0: blurred), the std that of the term less it; recorded and read back."""
+    m, val_idx = _held_out_model(**{"score.validation_fraction": 0.3, "score.calibrate_maps": True,
+                                    "score.position_mean_sigma": 0})
+    cal = validation.calibrate(m, m.cfg, "weave")
+    maps = validation._maps_of(m, m.cfg, "weave", _prepared(10).images[val_idx])
+    means = cal.position_means
+    assert means is not None and tuple(means.kl.shape) == tuple(maps.kl.shape[-2:]) == (32, 32)
+    torch.testing.assert_close(means.kl, maps.kl.double().mean(dim=0).float())
+    torch.testing.assert_close(means.feature, maps.feature.double().mean(dim=0).float())
+    assert cal.kl_std == pytest.approx(float((maps.kl - means.kl).std()), rel=1e-5)
+    assert cal.feature_std == pytest.approx(float((maps.feature - means.feature).std()), rel=1e-5)
+    calibrated = anomaly_map(maps, 1.0, cal)  # the KL term alone: zero mean at every pixel
+    assert float(calibrated.mean(dim=0).abs().max()) < 1e-4
+    plain = validation.calibrate(m, m.cfg.with_changes({"score": {"position_mean_sigma": None}}), "weave")
+    assert plain.position_means is None and plain.kl_mean == pytest.approx(cal.kl_mean)
+    assert float((anomaly_map(maps, 1.0, plain).mean(dim=0)).abs().max()) > 1e-2
+
+    smooth_cfg = m.cfg.with_changes({"score": {"position_mean_sigma": 2.0}})
+    smooth = validation.calibrate(m, smooth_cfg, "weave").position_means
+    assert float(smooth.kl.std()) < float(means.kl.std())  # blurred: flatter
+    assert float(smooth.kl.mean()) == pytest.approx(float(means.kl.mean()), abs=0.05 * cal.kl_std)
+    m.folder = tmp_path
+    fit = validation.fit_scoring(m, smooth_cfg, "weave")
+    again = validation.recorded_scoring_fit(m, smooth_cfg, "weave")
+    assert again == fit and again.calibration.position_means == fit.calibration.position_means
+    assert validation.recorded_scoring_fit(m, m.cfg, "weave") is None  # sigma 0: another fit
+    with pytest.raises(ValueError, match=r"per-position means are \(32, 32\), the maps \(16, 16\)"):
+        anomaly_map(ComponentMaps(kl=maps.kl[:, :16, :16], feature=maps.feature[:, :16, :16]), 0.5, cal)
+
+
 def test_recorded_scoring_fit_keeps_the_whitening(train_only: list[str], tmp_path) -> None:
     m, _ = _held_out_model(**{"score.validation_fraction": 0.3, "score.calibrate_maps": True,
                               "score.feature_whitening": "diagonal"})
@@ -209,11 +242,11 @@ def test_fits_recorded_before_the_newer_scoring_settings_keep_their_keys(tmp_pat
     2026-12-02, commit ff1c7bb), set otherwise they change it."""
     # The cpu preset of that day (alpha 0.5 then; round nine set 0.1, which the key hashes).
     old = ["score.calibrate_maps=true", "score.feature_whitening=none", "score.noise_draws=1",
-           "score.alpha=0.5"]
+           "score.alpha=0.5", "score.position_mean_sigma=null"]
     assert validation._scoring_fit_path(tmp_path, load_config("cpu", overrides=old), "weave").name \
         == "weave-340ac03d6e3bf8f3.json"
     ours = load_config("cpu", overrides=[*old, "score.alpha_per_category=true"])
     assert validation._scoring_fit_path(tmp_path, ours, "weave").name == "weave-78379ec045ecfdc5.json"
-    for change in ("score.feature_whitening=full", "score.noise_draws=4"):
+    for change in ("score.feature_whitening=full", "score.noise_draws=4", "score.position_mean_sigma=2"):
         cfg = load_config("cpu", overrides=[*old, change])
         assert validation._scoring_fit_path(tmp_path, cfg, "weave").name != "weave-340ac03d6e3bf8f3.json"
