@@ -462,8 +462,8 @@ def score_batch(
             ablations[name] = anomaly_map(component_maps(model, images, category, variant, noise=noise,
                                                          feature_images=feature_images, whitening=whitening),
                                           alpha, calibration)
-        else:
-            ablations[name] = maps.kl if name == "kl" else maps.feature
+        else:  # one term of Eq. 11 alone, calibrated as Eq. 11 calibrates it (alpha 1 or 0)
+            ablations[name] = anomaly_map(maps, 1.0 if name == "kl" else 0.0, calibration)
     return ScoredBatch(anomaly=anomaly, image_score=image_scores(anomaly, settings),
                        components=maps, ablation_maps=ablations)
 

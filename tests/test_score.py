@@ -19,6 +19,7 @@ from diffad_core.diffusion import diffusion_schedules
 from diffad_core.score import (
     ComponentMaps,
     MapCalibration,
+    PositionMeans,
     ScoreRecord,
     _normalise_per_image,
     anomaly_map,
@@ -283,6 +284,23 @@ def test_scoring_variants_reuse_the_noise() -> None:
     # smoke already scores on the H/4 grid with one pass: both variants equal Eq. 11 itself.
     assert torch.allclose(b.ablation_maps["grid_h4"], b.anomaly)
     assert torch.allclose(b.ablation_maps["single_pass"], b.anomaly)
+
+
+def test_term_ablations_are_calibrated_as_eq_11_is() -> None:
+    """"KL only" and "feature only" are Eq. 11 at alpha 1 and 0: the raw terms without a
+    calibration, with one the terms as the ensemble reads them (per position too)."""
+    m = _smoke_model(**{"score.ablations": "[kl,feature]"})
+    plain = _batch(m, _images(2), 0.5, 0)
+    assert torch.equal(plain.ablation_maps["kl"], plain.components.kl)
+    assert torch.equal(plain.ablation_maps["feature"], plain.components.feature)
+    shape = tuple(plain.anomaly.shape[-2:])
+    cal = MapCalibration(kl_mean=0.5, kl_std=2.0, feature_mean=0.1, feature_std=0.5,
+                         position_means=PositionMeans(kl=torch.linspace(0, 1, shape[0] * shape[1]).view(shape),
+                                                      feature=torch.full(shape, 0.25)))
+    b = _batch(m, _images(2), 0.5, 0, calibration=cal)
+    torch.testing.assert_close(b.ablation_maps["kl"], (b.components.kl - cal.position_means.kl) / 2.0)
+    torch.testing.assert_close(b.ablation_maps["feature"], (b.components.feature - 0.25) / 0.5)
+    torch.testing.assert_close(b.anomaly, 0.5 * b.ablation_maps["kl"] + 0.5 * b.ablation_maps["feature"])
 
 
 def test_score_batch_rejects_bad_input(model: _Model) -> None:
