@@ -78,11 +78,11 @@ def _train(category: str, training: str = "feat256", extra: tuple[str, ...] = ()
 
 
 def scored_families(category: str, alpha: float, timesteps: list[int] | None = None,
-                    training: str = "feat256"):
+                    training: str = "feat256", score: dict | None = None):
     """One model (``$TUNE_HOME/ck/<training>``) scores both families' test splits once (fixed
     seed), with round eight's scoring at ``alpha`` (and Eq. 11's steps ``timesteps``; None: the
-    model's own) and one calibration on its held-out training normals: (score settings,
-    calibration, {family: score records})."""
+    model's own; ``score``: other score settings on top) and one calibration on its held-out
+    training normals: (score settings, calibration, {family: score records})."""
     os.environ["DIFFAD_HOME"] = str(HOME)
     from diffad_core.data import prepare_split
     from diffad_core.score import score_split
@@ -91,7 +91,7 @@ def scored_families(category: str, alpha: float, timesteps: list[int] | None = N
 
     torch.set_num_threads(1)
     ev = load_for_evaluation(HOME / "ck" / training / category)
-    settings = ev.cfg.score.model_copy(update={**PRESET_SCORING, "alpha": alpha})
+    settings = ev.cfg.score.model_copy(update={**PRESET_SCORING, "alpha": alpha, **(score or {})})
     cfg = ev.cfg.model_copy(update={"score": settings})
     model = ev.model
     if timesteps is not None:

@@ -267,6 +267,12 @@ class ScoreConfig(_Section):
     # prediction averaged over the draws before Eq. 11's feature residual and the KL map averaged
     # over them (ours, docs/method.md "Several noise draws"); 1: one draw, as the paper.
     noise_draws: int = Field(default=1, ge=1)
+    # Eq. 11's KL term: "per_image", the paper's (each image's KL map normalised by its own mean
+    # and std over C x H x W at every t and draw, then averaged); "bits", the KL in bits averaged
+    # over channels and draws at every t, then over t, not normalised; "log_bits", the mean over
+    # t of the log2 of those per-t maps (ours; both need score.calibrate_maps to put the term on
+    # a scale; bench/tune_cpu_klscale_rule.md).
+    kl_scale: Literal["per_image", "bits", "log_bits"] = "per_image"
     top_k: int | None = None  # None: 64 at 256x256, scaled with the image area
     # Image score: mean of the top-k pixels of A (the code), optionally after a Gaussian blur of A
     # with this sigma in pixels at the scored size (0: none, as in the code).
@@ -310,6 +316,10 @@ class ScoreConfig(_Section):
             raise ValueError(f"score.position_mean_sigma={self.position_mean_sigma} needs "
                              "score.calibrate_maps=true: its means come from the held-out "
                              "normal images the calibration uses")
+        if self.kl_scale != "per_image" and not self.calibrate_maps:
+            raise ValueError(f"score.kl_scale={self.kl_scale} needs score.calibrate_maps=true: the "
+                             "calibration on held-out normal images is what puts that KL term on "
+                             "the feature term's scale")
         if self.position_mean_sigma is not None and self.position_mean_sigma < 0:
             raise ValueError("score.position_mean_sigma must be >= 0 or null")
         return self

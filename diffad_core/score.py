@@ -4,7 +4,8 @@ For each scoring timestep t (an index into the respaced chain) the clean image x
 x_t = q_sample(x0, t, eps). Two maps come out of the UNet:
 
 - the KL map: ``KL(q(x_{t-1}|x_t,x0) || p_theta(x_{t-1}|x_t))`` per pixel and channel, in bits
-  (``diffusion.kl_map_bits``), normalised per image by its own mean and std over C x H x W;
+  (``diffusion.kl_map_bits``), normalised per image by its own mean and std over C x H x W
+  (``score.kl_scale`` "per_image", the paper; ``kl_term`` has the unnormalised variants);
 - the feature map: ``mean_c (F_hat(x_t, t) - F(x0))^2`` on the comparison grid
   (``score.feature_map_size``, else the grid of the head's level), upsampled bilinearly to
   H x W. With ``features.image_size`` F sees x0 at that larger size (``feature_images``).
@@ -199,7 +200,7 @@ class ScoreRecord:
     label: int
     image_score: float
     anomaly_map: np.ndarray  # (H, W) float32, Eq. 11
-    kl_map: np.ndarray  # (H, W) float32, normalised KL averaged over t and channels
+    kl_map: np.ndarray  # (H, W) float32, Eq. 11's KL term (``kl_term``), before any calibration
     feature_map: np.ndarray  # (H, W) float32
     mask: np.ndarray  # (H, W) uint8 {0, 1}
     category: str = ""
@@ -363,11 +364,8 @@ def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Te
         feat_target = model.feature_target(target_x, size=size or h // model.cfg.unet.feature_stride)
     model_out, feat_hat, feat_target = model_out.float(), feat_hat.float(), feat_target.float()
 
-    # Eq. 11, first term: KL in bits, normalised per image and t, then mean over draws, t and
-    # channels.
-    kl = _normalise_per_image(kl_map_bits(s, model_out, x0_rep, x_t, t_idx, clip=True),
-                              settings.kl_unbiased_std)
-    kl_map = kl.mean(dim=1).view(n_draws * n_t, b, h, w).mean(dim=0)
+    # Eq. 11, first term, from the KL in bits of every draw and t.
+    kl_map = kl_term(kl_map_bits(s, model_out, x0_rep, x_t, t_idx, clip=True), settings, n_draws, n_t)
 
     # Eq. 11, second term, from the residual of the feature head.
     if feat_hat.shape[1:] != feat_target.shape[1:]:
@@ -384,6 +382,27 @@ def _group_maps(model: DiffadModel, images: torch.Tensor, target_input: torch.Te
         rgb_map = rgb.view(n_draws * n_t, b, h, w).mean(dim=0).cpu()
     return ComponentMaps(kl=kl_map.cpu(), feature=feature_map.cpu(), rgb=rgb_map,
                          feature_residual=residual.cpu() if with_residual else None)
+
+
+# "log_bits": the floor under each step's KL map before its log2 (bits; the KL is >= 0 but
+# rounds to 0 where the model matches the posterior).
+_LOG_FLOOR_BITS = 1e-6
+
+
+def kl_term(bits: torch.Tensor, settings: ScoreConfig, n_draws: int, n_t: int) -> torch.Tensor:
+    """Eq. 11's first term from the KL in bits (K*|T|*B, C, H, W), rows draw-major then t-major:
+    (B, H, W). ``score.kl_scale`` "per_image" (the paper, METHOD.md §3): each row normalised by its
+    own mean and std over C x H x W, then the mean over channels, draws and t. "bits": the mean
+    over channels and draws at each t, then over t; "log_bits": the mean over t of the log2 of
+    those per-t maps (ours, bench/tune_cpu_klscale_rule.md)."""
+    h, w = bits.shape[-2:]
+    if settings.kl_scale == "per_image":
+        kl = _normalise_per_image(bits, settings.kl_unbiased_std).mean(dim=1)
+        return kl.view(n_draws * n_t, -1, h, w).mean(dim=0)
+    per_step = bits.mean(dim=1).view(n_draws, n_t, -1, h, w).mean(dim=0)  # (|T|, B, H, W)
+    if settings.kl_scale == "log_bits":
+        per_step = per_step.clamp_min(_LOG_FLOOR_BITS).log2()
+    return per_step.mean(dim=0)
 
 
 def feature_term(residual: torch.Tensor, whitening: FeatureWhitening | None,

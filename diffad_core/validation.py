@@ -236,7 +236,7 @@ def needs_scoring_fit(cfg: DiffadConfig) -> bool:
 # made under: hashed only when set otherwise, so the fits of models trained and registered
 # before they existed keep their keys.
 _SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1, "image_score_center": "none",
-                                  "position_mean_sigma": None}
+                                  "position_mean_sigma": None, "kl_scale": "per_image"}
 
 
 def _scoring_fit_path(folder: Path, cfg: DiffadConfig, category: str) -> Path:

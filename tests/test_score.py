@@ -28,6 +28,7 @@ from diffad_core.score import (
     feature_term,
     fit_feature_whitening,
     image_scores,
+    kl_term,
     score_batch,
     score_split,
     top_k_mean,
@@ -490,6 +491,69 @@ def test_score_batch_draws_the_noise_of_every_draw_from_one_generator() -> None:
                        component_maps(one, x, "weave", one.cfg.score, noise=noise[:n_t]).feature)
     assert torch.equal(_batch(many, x, 0.5, 3).components.feature,
                        component_maps(many, x, "weave", many.cfg.score, noise=noise).feature)
+
+
+def test_kl_scale_variants_of_eq11_first_term() -> None:
+    """``score.kl_scale`` (bench/tune_cpu_klscale_rule.md): "per_image" normalises every row
+    (draw, t, image) by its own mean and std before the means (the paper); "bits" averages the
+    bits over channels and draws at each t, then over t; "log_bits" averages the log2 of those
+    per-t maps over t. Reference by explicit loops over draws and steps."""
+    k, n_t, b, c, h, w = 2, 3, 2, 3, 4, 5
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.rand(k * n_t * b, c, h, w, generator=gen) * torch.linspace(0.1, 30.0, k * n_t * b).view(-1, 1, 1, 1)
+    settings = {v: load_config("smoke", overrides=["score.calibrate_maps=true", f"score.kl_scale={v}"]).score
+                for v in ("per_image", "bits", "log_bits")}
+    rows = bits.view(k, n_t, b, c, h, w)
+    per_step = torch.stack([torch.stack([rows[d, i].mean(dim=1) for d in range(k)]).mean(dim=0)
+                            for i in range(n_t)])  # (|T|, B, H, W)
+    assert torch.allclose(kl_term(bits, settings["bits"], k, n_t), per_step.mean(dim=0), atol=1e-5)
+    assert torch.allclose(kl_term(bits, settings["log_bits"], k, n_t), per_step.log2().mean(dim=0), atol=1e-5)
+    unbiased = settings["per_image"].kl_unbiased_std
+    normalised = torch.stack([torch.stack([_normalise_per_image(rows[d, i], unbiased).mean(dim=1)
+                                           for i in range(n_t)]) for d in range(k)])
+    assert torch.allclose(kl_term(bits, settings["per_image"], k, n_t),
+                          normalised.flatten(0, 1).mean(dim=0), atol=1e-5)
+    # What each one keeps: one scale for everything leaves per_image alone, scales bits and
+    # shifts log_bits; a scale per step becomes a constant offset in log_bits.
+    assert torch.allclose(kl_term(4 * bits, settings["per_image"], k, n_t),
+                          kl_term(bits, settings["per_image"], k, n_t), atol=1e-5)
+    assert torch.allclose(kl_term(4 * bits, settings["bits"], k, n_t), 4 * kl_term(bits, settings["bits"], k, n_t))
+    step_scale = torch.tensor([1.0, 8.0, 64.0]).repeat_interleave(b).repeat(k).view(-1, 1, 1, 1)
+    assert torch.allclose(kl_term(bits * step_scale, settings["log_bits"], k, n_t),
+                          kl_term(bits, settings["log_bits"], k, n_t) + 3.0, atol=1e-4)
+    zeros = torch.zeros(n_t * b, c, h, w)  # a perfect model: floored, never -inf
+    assert torch.isfinite(kl_term(zeros, settings["log_bits"], 1, n_t)).all()
+
+
+def test_kl_scale_reaches_the_scored_maps() -> None:
+    """The setting is what component_maps computes: its "bits" map is the mean over draws and
+    steps of the KL bits of the same x_t, and the feature term does not change."""
+    from diffad_core.diffusion import kl_map_bits, model_timesteps, q_sample
+
+    over = {"score.calibrate_maps": "true", "score.noise_draws": 2}
+    paper_kl, bits_kl = _smoke_model(**over), _smoke_model(**over, **{"score.kl_scale": "bits"})
+    x = _images(2, seed=5)
+    steps = paper_kl.cfg.diffusion.score_timesteps
+    noise = torch.randn(2 * len(steps), *x.shape, generator=torch.Generator().manual_seed(2))
+    ours = component_maps(bits_kl, x, "weave", bits_kl.cfg.score, noise=noise)
+    theirs = component_maps(paper_kl, x, "weave", paper_kl.cfg.score, noise=noise)
+    s = bits_kl.schedule
+    expected = torch.zeros(2, SIZE, SIZE)
+    for row in range(noise.shape[0]):
+        t = torch.full((2,), steps[row % len(steps)], dtype=torch.long)
+        x_t = q_sample(s, x, t, noise[row])
+        out, _ = bits_kl.unet(x_t, model_timesteps(s, t), None)
+        expected += kl_map_bits(s, out, x, x_t, t, clip=True).mean(dim=1) / noise.shape[0]
+    assert torch.allclose(ours.kl, expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(ours.feature, theirs.feature)
+    assert not torch.allclose(ours.kl, theirs.kl)
+
+
+def test_unnormalised_kl_needs_the_calibration() -> None:
+    with pytest.raises(Exception, match=r"score.kl_scale=bits needs score.calibrate_maps"):
+        load_config("smoke", overrides=["score.kl_scale=bits"])
+    with pytest.raises(Exception, match="kl_scale"):
+        load_config("smoke", overrides=["score.calibrate_maps=true", "score.kl_scale=linear"])
 
 
 def test_noise_draws_must_be_positive() -> None:

@@ -242,11 +242,12 @@ def test_fits_recorded_before_the_newer_scoring_settings_keep_their_keys(tmp_pat
     2026-12-02, commit ff1c7bb), set otherwise they change it."""
     # The cpu preset of that day (alpha 0.5 then; round nine set 0.1, which the key hashes).
     old = ["score.calibrate_maps=true", "score.feature_whitening=none", "score.noise_draws=1",
-           "score.alpha=0.5", "score.position_mean_sigma=null"]
+           "score.alpha=0.5", "score.position_mean_sigma=null", "score.kl_scale=per_image"]
     assert validation._scoring_fit_path(tmp_path, load_config("cpu", overrides=old), "weave").name \
         == "weave-340ac03d6e3bf8f3.json"
     ours = load_config("cpu", overrides=[*old, "score.alpha_per_category=true"])
     assert validation._scoring_fit_path(tmp_path, ours, "weave").name == "weave-78379ec045ecfdc5.json"
-    for change in ("score.feature_whitening=full", "score.noise_draws=4", "score.position_mean_sigma=2"):
+    for change in ("score.feature_whitening=full", "score.noise_draws=4", "score.position_mean_sigma=2",
+                   "score.kl_scale=log_bits"):
         cfg = load_config("cpu", overrides=[*old, change])
         assert validation._scoring_fit_path(tmp_path, cfg, "weave").name != "weave-340ac03d6e3bf8f3.json"
