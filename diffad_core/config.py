@@ -135,6 +135,11 @@ class DataConfig(_Section):
     rotation_degrees: float = 5.0
     # METHOD.md §1: the official code computes the rotation and discards it (False); True: ours.
     augment_rotation: bool = False
+    # Flips and quarter turns: "auto" shows each training image as it is or under one of the
+    # transforms of the square its category's training images look the same under, tested per
+    # category on those images (ours, data/symmetry.py, bench/tune_cpu_dihedral_rule.md);
+    # "none": never (the official code).
+    augment_dihedral: Literal["none", "auto"] = "none"
     cache: bool = True
     sources: dict[str, DownloadSource] = Field(default_factory=_default_sources)
     synth: SynthConfig = Field(default_factory=SynthConfig)
@@ -464,6 +469,8 @@ class DiffadConfig(_Section):
         data["score"] = held_out
         data["data"].pop("name")  # names the dataset in the registry; the same images train the same
         data["data"]["synth"].pop("defect_contrast")  # test defects only: the same training images
+        if data["data"]["augment_dihedral"] == "none":  # added later: models trained before it keep their hash
+            data["data"].pop("augment_dihedral")
         data.pop("preset")
         return data
 

@@ -23,7 +23,7 @@ from timm.utils.model_ema import ModelEmaV3
 
 from diffad_core._atomic import atomic_write
 from diffad_core.config import DiffadConfig, config_from_dict
-from diffad_core.data import PreparedSplit, TrainImages, prepare_split, split_train_validation
+from diffad_core.data import PreparedSplit, TrainImages, allowed_transforms, prepare_split, split_train_validation
 from diffad_core.diffusion import training_losses
 from diffad_core.model import (
     FINAL_FILES,
@@ -221,8 +221,15 @@ def train_model(
     seed = _run_seed(cfg, categories)
     seed_everything(seed)
     splits, held_out = _training_splits(cfg, categories)
+    # Flips and quarter turns each category's own training images allow (data.augment_dihedral).
+    transforms = {s.category: allowed_transforms(s.images) if cfg.data.augment_dihedral == "auto" else ()
+                  for s in splits}
+    if cfg.data.augment_dihedral == "auto":
+        for category, names in transforms.items():
+            _log.info("%s: flips and quarter turns allowed by its training images: %s",
+                      category, ", ".join(names) or "none")
     dataset = TrainImages(splits, cfg.data.rotation_degrees, cfg.data.augment_rotation, class_index,
-                          seed=seed, crop=cfg.data.train_crop)
+                          seed=seed, crop=cfg.data.train_crop, transforms=[transforms[s.category] for s in splits])
 
     # Networks: the UNet is initialised from the run seed, so its init is reproducible.
     feature_target = build_feature_target(cfg).to(device)
@@ -368,6 +375,7 @@ def train_model(
         "losses": losses, "init_report": init_report, "held_out": held_out, "seed": seed,
         "config_hash": cfg.config_hash(), "device": str(device),
         "amp": str(dtype).removeprefix("torch.") if dtype is not None else "fp32",
+        "dihedral_transforms": {c: list(names) for c, names in transforms.items()},
     }
     save_model(out_dir, cfg, ema.module, padim, meta)
     return TrainResult(checkpoint_dir=out_dir, steps=step, seconds=seconds, losses=losses,

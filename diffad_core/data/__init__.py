@@ -43,6 +43,9 @@ _EXPORTS: dict[str, str] = {
     "resolve_dataset": "prepare",
     "rotate": "prepare",
     "split_train_validation": "prepare",
+    "DIHEDRAL": "symmetry",
+    "allowed_transforms": "symmetry",
+    "dihedral": "symmetry",
     "generate_dataset": "synth.writer",
     "paint_defects": "synth.defects",
 }

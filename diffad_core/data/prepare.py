@@ -24,6 +24,7 @@ from diffad_core.config import DiffadConfig, diffad_home
 from diffad_core.data.io import load_image, load_mask
 from diffad_core.data.layouts import DatasetLayoutError, list_categories, list_samples
 from diffad_core.data.manifest import dataset_manifest
+from diffad_core.data.symmetry import DIHEDRAL, dihedral
 
 _CACHE_VERSION = 1
 _U16 = 65535.0
@@ -180,7 +181,10 @@ class TrainImages(torch.utils.data.Dataset):
     class index). The target's input is the same image at ``features.image_size`` when the
     splits carry ``feature_images``, else the image itself. With ``augment`` each access rotates
     the image (and its target input, by the same angle) by an angle uniform in
-    +-``rotation_degrees`` (METHOD.md §1, ours), reflection-padded. With ``crop`` it then returns
+    +-``rotation_degrees`` (METHOD.md §1, ours), reflection-padded; ``transforms`` (one tuple of
+    ``symmetry.DIHEDRAL`` names per prepared split, ``data.augment_dihedral``) first shows it as
+    it is or under one of its split's transforms, with equal probability (no draw for a split
+    without any). With ``crop`` it then returns
     a random ``crop`` x ``crop`` window of the image (``data.train_crop``). Angles and windows
     come from a torch Generator (``generator``, else one seeded with ``seed``); each DataLoader
     worker reseeds from its own worker seed, and ``set_epoch(e)`` reseeds from (seed, e), so a
@@ -190,9 +194,15 @@ class TrainImages(torch.utils.data.Dataset):
     def __init__(self, prepared_splits: list[PreparedSplit], rotation_degrees: float,
                  augment: bool, class_index: dict[str, int], *, seed: int = 0,
                  generator: torch.Generator | None = None, padding: str = "reflection",
-                 crop: int | None = None) -> None:
+                 crop: int | None = None, transforms: list[tuple[str, ...]] | None = None) -> None:
         if not prepared_splits:
             raise ValueError("TrainImages needs at least one prepared split")
+        transforms = [()] * len(prepared_splits) if transforms is None else list(transforms)
+        if len(transforms) != len(prepared_splits):
+            raise ValueError(f"{len(transforms)} transform lists for {len(prepared_splits)} prepared splits")
+        unknown = sorted({name for names in transforms for name in names} - set(DIHEDRAL))
+        if unknown:
+            raise ValueError(f"unknown transforms {unknown}; known: {list(DIHEDRAL)}")
         missing = [p.category for p in prepared_splits if p.category not in class_index]
         if missing:
             raise KeyError(f"categories {missing} are not in class_index {class_index}")
@@ -205,6 +215,7 @@ class TrainImages(torch.utils.data.Dataset):
         self.classes = torch.tensor(
             [class_index[p.category] for p in prepared_splits for _ in range(len(p))],
             dtype=torch.long)
+        self.transforms = [tuple(names) for p, names in zip(prepared_splits, transforms) for _ in range(len(p))]
         self.rotation_degrees = float(rotation_degrees)
         self.augment = bool(augment) and self.rotation_degrees > 0
         self.padding = padding
@@ -236,6 +247,12 @@ class TrainImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = self.images[index]
         target_input = image if self.feature_images is None else self.feature_images[index]
+        choices = self.transforms[index]
+        if choices:
+            pick = int(torch.randint(len(choices) + 1, (), generator=self._rng()))
+            if pick:  # 0: as it is
+                image = dihedral(image, choices[pick - 1])
+                target_input = image if self.feature_images is None else dihedral(target_input, choices[pick - 1])
         if self.augment:
             u = torch.rand((), generator=self._rng()).item()
             degrees = (2.0 * u - 1.0) * self.rotation_degrees
