@@ -103,6 +103,16 @@ def test_model_hash_ignores_evaluation_settings():
         assert load_config("smoke", overrides=other).model_hash() != base.model_hash(), other
 
 
+def test_models_trained_before_augment_dihedral_keep_their_hash():
+    # Golden hashes computed by the code of 2026-12-07 before data.augment_dihedral existed
+    # (commit 33a01bd): at "none" the key is left out of the model definition.
+    golden = {"paper": "efdf05547f2858a4", "cpu": "a515b98b75a9940f", "smoke": "2a8eaf26939d7fba",
+              "cpu-demo": "9799c20e47fdcf4a"}
+    for preset, digest in golden.items():
+        assert load_config(preset, overrides=["data.augment_dihedral=none"]).model_hash() == digest, preset
+    assert load_config("cpu", overrides=["data.augment_dihedral=auto"]).model_hash() != golden["cpu"]
+
+
 def test_with_evaluation_settings_keeps_the_model_part():
     trained = load_config("smoke", overrides=["score.alpha_per_category=true", "train.iterations=5"])
     run = load_config("smoke", overrides=["score.alpha=0.2", "reconstruct.rounds=7"])

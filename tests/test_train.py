@@ -122,6 +122,19 @@ def smoke_run(home: Path, tmp_path_factory: pytest.TempPathFactory):
     return cfg, out, result, logs
 
 
+def test_training_records_the_transforms_its_images_allow(home: Path, tmp_path: Path):
+    # data.augment_dihedral=auto: the test of data/symmetry.py on each category's own training
+    # images decides, and the checkpoint records what it allowed (the smoke weave's is asserted
+    # against the function itself, not a constant).
+    from diffad_core.data import allowed_transforms, prepare_split
+
+    cfg = _cfg("data.augment_dihedral=auto", "train.iterations=2")
+    train_model(cfg, ["weave"], tmp_path / "ck", progress=False)
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    expected = list(allowed_transforms(prepare_split(cfg, "weave", "train").images))
+    assert meta["dihedral_transforms"] == {"weave": expected}
+
+
 def test_golden_smoke_losses(smoke_run):
     # Seed 0, smoke preset: depends on the synthetic data, the rotation augmentation, the UNet
     # and feature-target inits and the loss maths. Update only for a deliberate change there.
@@ -155,6 +168,7 @@ def test_train_writes_checkpoint_and_load_round_trips(smoke_run):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["categories"] == ["weave"] and meta["class_index"] == {"weave": 0}
     assert meta["steps"] == 4 and meta["image_size"] == 32
+    assert meta["dihedral_transforms"] == {"weave": []}  # data.augment_dihedral=none
     assert {"torch", "timm"} <= set(meta["versions"])
 
     model = load_model(out, device="cpu")

@@ -1,0 +1,118 @@
+"""Round sixteen of issue #8: flips and quarter turns where a category's training images allow them.
+
+The rule was fixed and committed before this script (bench/tune_cpu_dihedral_rule.md, with its
+amendment made before any training). Round nine's models of the synthetic seed-1 family
+(bench/tune_cpu_faint.py's ``feat256``: the ``none`` candidate) and the same training with
+``data.augment_dihedral=auto`` (``dihedral``; trained only for the categories whose test allows
+some transform, the others train the same model and reuse ``feat256``) score both families (as
+painted, "full", and at 0.35 of the defects' contrast, "faint") with the ``cpu`` preset's
+scoring. Output: bench/tune_cpu_dihedral.txt.
+
+    TUNE_HOME=/tmp/diffad-tune-draws .venv/bin/python bench/tune_cpu_dihedral.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import tune_cpu_faint as faint  # beside this script: the families, their models, round nine's scoring
+
+ROOT = Path(__file__).resolve().parent.parent
+ALPHA = 0.1  # the cpu preset's (checked in main())
+AUTO = ("data.augment_dihedral=auto",)
+
+
+def _allowed(category: str) -> tuple[str, ...]:
+    """What the test allows on the category's training images (held-out normals excluded), as
+    the training computes it."""
+    os.environ["DIFFAD_HOME"] = str(faint.HOME)
+    from diffad_core.data import allowed_transforms
+    from diffad_core.train import _training_splits
+    from diffad_core.usecases import load_for_evaluation
+
+    cfg = load_for_evaluation(faint.HOME / "ck" / "feat256" / category).cfg
+    splits, _ = _training_splits(cfg, [category])
+    return allowed_transforms(splits[0].images)
+
+
+def _train(category: str, allowed: tuple[str, ...]) -> float:
+    return faint._train(category, "dihedral", AUTO) if allowed else 0.0
+
+
+def _rows(category: str, allowed: tuple[str, ...]) -> list[dict]:
+    from diffad_core.metrics import image_auroc, pixel_auroc, pro_score
+
+    rows = []
+    for candidate, training in (("none", "feat256"), ("auto", "dihedral" if allowed else "feat256")):
+        if training == "dihedral":  # the model records what its training applied
+            meta = json.loads((faint.HOME / "ck" / training / category / "meta.json").read_text())
+            assert meta["dihedral_transforms"] == {category: list(allowed)}, meta["dihedral_transforms"]
+        settings, _, records = faint.scored_families(category, ALPHA, training=training)
+        assert settings.alpha == ALPHA and settings.position_mean_sigma == 2.0
+        for family, recs in records.items():
+            anomaly = np.stack([r.anomaly_map for r in recs])
+            masks = np.stack([r.mask for r in recs])
+            labels = np.array([r.label for r in recs])
+            scores = np.array([r.image_score for r in recs])
+            rows.append({"family": family, "category": category, "candidate": candidate,
+                         "pixel_auroc": pixel_auroc(anomaly, masks),
+                         "pro": pro_score(anomaly, masks, fpr_limit=0.3),
+                         "image_auroc": image_auroc(scores, labels)})
+    return rows
+
+
+def main() -> int:
+    from diffad_core.config import load_config
+
+    preset = load_config(preset="cpu")
+    assert preset.data.augment_dihedral == "none" and preset.score.alpha == ALPHA, "the cpu preset moved"
+    assert all(getattr(preset.score, k) == v for k, v in faint.PRESET_SCORING.items())
+    t0 = time.perf_counter()
+    faint._generate()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        faint_train_s = dict(zip(faint.CATEGORIES, pool.map(faint._train, faint.CATEGORIES)))
+    allowed = {c: _allowed(c) for c in faint.CATEGORIES}
+    print(f"allowed: {allowed}", flush=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        train_s = dict(zip(faint.CATEGORIES, pool.map(_train, faint.CATEGORIES, [allowed[c] for c in faint.CATEGORIES])))
+    print(f"trained (s, 0 where the model was there or nothing is allowed): {train_s}", flush=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        df = pd.DataFrame([r for part in pool.map(_rows, faint.CATEGORIES, [allowed[c] for c in faint.CATEGORIES])
+                           for r in part])
+    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    means = df.groupby(["family", "candidate"]).mean3.mean()
+    base_faint, base_full = means[("faint", "none")], means[("full", "none")]
+    f, u = means[("faint", "auto")], means[("full", "auto")]
+    adopted = f > base_faint + 0.005 and u >= base_full - 0.005
+
+    cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
+    out = [
+        "round sixteen (bench/tune_cpu_dihedral_rule.md): round nine's models of the synthetic seed-1 "
+        "family (none) and the same training with data.augment_dihedral=auto, scored on it (full) "
+        "and on its faint draw (defect contrast 0.35), the cpu preset's scoring (alpha 0.1)",
+        f"total wall time {time.perf_counter() - t0:.0f} s (two categories at once, one thread each); "
+        f"training s of the none models (0: there): {faint_train_s}; of the auto models: {train_s}",
+        "", "transforms the test allows per category (training images, held-out normals excluded):",
+        *[f"  {c}: {', '.join(names) or 'none'}" for c, names in allowed.items()],
+        "", "means over categories:", df.groupby(["family", "candidate"])[cols].mean().round(3).to_string(),
+        "", f"rule (from none: M_faint {base_faint:.3f}, M_full {base_full:.3f}):",
+        f"  auto: M_faint {f:.3f}  M_full {u:.3f}" + ("  qualifies" if adopted else ""),
+        f"  -> {'auto' if adopted else 'none'}",
+        "", "per category:", df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
+    ]
+    path = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_dihedral.txt"))
+    path.write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
