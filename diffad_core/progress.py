@@ -7,12 +7,16 @@ with thousands of lines.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 from tqdm.auto import tqdm
 
 LOG_INTERVAL_S = 60.0  # seconds between two lines of a bar that is not on a terminal
+# Set (to anything) by ``diffad benchmark --no-progress`` and ``rerun --no-progress``: the flow's
+# tasks run in that process (and processes it starts inherit it), so one switch turns off every bar.
+NO_PROGRESS_ENV = "DIFFAD_NO_PROGRESS"
 
 
 class _Bar(tqdm):
@@ -27,7 +31,9 @@ class _Bar(tqdm):
 
 
 def progress_bar(*, total: int | None, desc: str, enabled: bool = True, **options: Any) -> tqdm:
-    """A tqdm bar on stderr (disabled unless ``enabled``); ``options`` go to tqdm (unit, ...)."""
+    """A tqdm bar on stderr (disabled unless ``enabled`` and ``NO_PROGRESS_ENV`` is unset);
+    ``options`` go to tqdm (unit, ...)."""
+    enabled = enabled and not os.environ.get(NO_PROGRESS_ENV)
     on_terminal = sys.stderr.isatty()
     options.setdefault("mininterval", 0.1 if on_terminal else LOG_INTERVAL_S)
     return _Bar(total=total, desc=desc, disable=not enabled, dynamic_ncols=on_terminal, **options)

@@ -74,7 +74,7 @@ def test_one_spelling_per_flag() -> None:
 @pytest.mark.parametrize("argv", [
     ["train"], ["score", "--checkpoint", "ck"], ["reconstruct", "--checkpoint", "ck", "--out", "o"],
     ["data", "download", "--dataset", "mvtec"], ["data", "synth", "--root", "r"],
-    ["data", "heldout", "--root", "r"], ["data", "prepare"],
+    ["data", "heldout", "--root", "r"], ["data", "prepare"], ["benchmark"], ["rerun", "--run-id", "r"],
 ])
 def test_no_progress_is_accepted_where_progress_is_shown(argv: list[str]) -> None:
     assert build_parser().parse_args(argv).progress is True

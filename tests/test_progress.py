@@ -29,3 +29,13 @@ def test_a_disabled_bar_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     with progress.progress_bar(total=10, desc="score weave", enabled=False) as bar:
         bar.update(10)
     assert log.getvalue() == ""
+
+
+def test_the_no_progress_switch_turns_every_bar_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What ``diffad benchmark --no-progress`` sets: the bars the flow's tasks open write nothing.
+    log = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", log)
+    monkeypatch.setenv(progress.NO_PROGRESS_ENV, "1")
+    with progress.progress_bar(total=10, desc="train weave") as bar:
+        bar.update(10)
+    assert log.getvalue() == ""

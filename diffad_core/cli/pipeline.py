@@ -13,10 +13,12 @@ from diffad_core.cli._common import (
     CliError,
     add_category_argument,
     add_config_arguments,
+    add_progress_argument,
     command,
     config_from_args,
 )
 from diffad_core.config import DATASET_KINDS, DiffadConfig
+from diffad_core.progress import NO_PROGRESS_ENV
 
 
 def register(subparsers: Any) -> None:
@@ -39,6 +41,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="registry.promote=false: register challengers but never promote")
     _add_verbose_argument(p)
+    add_progress_argument(p)
     command(p, _benchmark)
 
     p = subparsers.add_parser("rerun", help="rerun some categories of a benchmark run "
@@ -47,6 +50,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--failed", action="store_true", help="the categories that failed")
     add_category_argument(p, "a category to rerun")
     _add_verbose_argument(p)
+    add_progress_argument(p)
     command(p, _rerun)
 
     reg = subparsers.add_parser("registry", help="the MLflow model registry")
@@ -94,6 +98,13 @@ def _add_verbose_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="also print Prefect's flow and task INFO lines (always in the Prefect "
                              "UI and in results/<run_id>/prefect.log)")
+
+
+def _console_progress(show: bool) -> None:
+    """``--no-progress``: no bar anywhere in this process, whose threads run the flow's tasks
+    (nor in the processes it starts)."""
+    if not show:
+        os.environ[NO_PROGRESS_ENV] = "1"
 
 
 def _console_logging(run_id: str, verbose: bool) -> None:
@@ -183,6 +194,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     # The config, the stores and the data are checked first: a bad key, an unreachable store
     # or a broken dataset fails in seconds, before any server starts (flows/guard.py).
     cfg = benchmark_config(args)
+    _console_progress(args.progress)
     prefect_environment()
     from flows.guard import preflight, run_lock, temporary_prefect_server
     from tasks.runs import new_run_id
@@ -240,6 +252,7 @@ def _finish(run_id: str, state: Any) -> int:
 def _rerun(args: argparse.Namespace) -> int:
     if not args.failed and not args.categories:
         raise CliError("give --failed or --category C (repeatable)")
+    _console_progress(args.progress)
     prefect_environment()
     from tasks.runs import read_run_record, run_dir, run_record_path
 

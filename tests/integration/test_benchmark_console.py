@@ -2,8 +2,8 @@
 
 By default: the progress bars, the outcome per category and the final table; Prefect's flow and
 task INFO lines go to ``results/<run_id>/prefect.log`` (and the Prefect UI) instead. With
-``--verbose`` they are on the console too. Runs the real command in a subprocess (its own
-temporary Prefect server) on one tiny smoke category.
+``--verbose`` they are on the console too; with ``--no-progress`` the bars are not. Runs the
+real command in a subprocess (its own temporary Prefect server) on one tiny smoke category.
 """
 
 from __future__ import annotations
@@ -51,3 +51,10 @@ def test_console_shows_bars_and_table_logs_go_to_file(tmp_path: Path) -> None:
     verbose = "\n".join(_benchmark(tmp_path, "verbose", "--verbose"))
     assert re.search(rf"Task run '[a-z-]+-{CATEGORY}' - Finished in state", verbose), verbose
     assert "Beginning flow run" in verbose
+
+    # --no-progress: the same outcome and table, no bar (the scoring and reconstruction run again).
+    bare = _benchmark(tmp_path, "bare", "--no-progress")
+    text = "\n".join(bare)
+    assert not any(line.lstrip("\r").startswith((f"score {CATEGORY}", f"reconstruct {CATEGORY}"))
+                   for line in bare), text
+    assert "run bare: completed" in text and f"| {CATEGORY} |" in text
