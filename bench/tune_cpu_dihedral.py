@@ -20,7 +20,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 import tune_cpu_faint as faint  # beside this script: the families, their models, round nine's scoring
@@ -48,8 +47,6 @@ def _train(category: str, allowed: tuple[str, ...]) -> float:
 
 
 def _rows(category: str, allowed: tuple[str, ...]) -> list[dict]:
-    from diffad_core.metrics import image_auroc, pixel_auroc, pro_score
-
     rows = []
     for candidate, training in (("none", "feat256"), ("auto", "dihedral" if allowed else "feat256")):
         if training == "dihedral":  # the model records what its training applied
@@ -57,15 +54,8 @@ def _rows(category: str, allowed: tuple[str, ...]) -> list[dict]:
             assert meta["dihedral_transforms"] == {category: list(allowed)}, meta["dihedral_transforms"]
         settings, _, records = faint.scored_families(category, ALPHA, training=training)
         assert settings.alpha == ALPHA and settings.position_mean_sigma == 2.0
-        for family, recs in records.items():
-            anomaly = np.stack([r.anomaly_map for r in recs])
-            masks = np.stack([r.mask for r in recs])
-            labels = np.array([r.label for r in recs])
-            scores = np.array([r.image_score for r in recs])
-            rows.append({"family": family, "category": category, "candidate": candidate,
-                         "pixel_auroc": pixel_auroc(anomaly, masks),
-                         "pro": pro_score(anomaly, masks, fpr_limit=0.3),
-                         "image_auroc": image_auroc(scores, labels)})
+        rows += [{"family": family, "category": category, "candidate": candidate, **faint.record_metrics(recs)}
+                 for family, recs in records.items()]
     return rows
 
 

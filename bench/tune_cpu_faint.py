@@ -106,6 +106,18 @@ def scored_families(category: str, alpha: float, timesteps: list[int] | None = N
     return settings, calibration, records
 
 
+def record_metrics(records) -> dict[str, float]:
+    """Pixel AUROC, PRO (FPR limit 0.3) and image AUROC of one test split's score records, as
+    the pipeline computes them from Eq. 11's maps and image scores."""
+    from diffad_core.metrics import image_auroc, pixel_auroc, pro_score
+
+    anomaly = np.stack([r.anomaly_map for r in records])
+    masks = np.stack([r.mask for r in records])
+    return {"pixel_auroc": pixel_auroc(anomaly, masks), "pro": pro_score(anomaly, masks, fpr_limit=0.3),
+            "image_auroc": image_auroc(np.array([r.image_score for r in records]),
+                                       np.array([r.label for r in records]))}
+
+
 def _maps(category: str) -> list[dict]:
     """Both families' test maps of one model, then every candidate's metrics."""
     from diffad_core.metrics import image_auroc, pixel_auroc, pro_score

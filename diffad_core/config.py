@@ -262,7 +262,9 @@ class ScoreConfig(_Section):
     # Weigh Eq. 11's feature residual by its second moments on those held-out normals, per
     # scoring step: per channel ("diagonal") or as a C x C matrix ("full"); "none": the paper's
     # plain mean over channels (ours, docs/method.md "Whitened feature residual").
-    feature_whitening: Literal["none", "diagonal", "full"] = "none"
+    # "joint": one matrix over the residuals of all scoring steps of a place at once (ours,
+    # bench/tune_cpu_joint_rule.md).
+    feature_whitening: Literal["none", "diagonal", "full", "joint"] = "none"
     # Calibrate each term per position: its mean over the held-out normals taken at every pixel,
     # blurred by a Gaussian of this sigma in px at a 64 px map (scaled with the map's side; 0:
     # not blurred), then the std of the term less that mean (ours,

@@ -55,9 +55,11 @@ class FeatureWhitening:
     the inverse mean square of each channel at each scoring step on held-out normals, and the
     term is ``mean_c r_c^2 * precision_{t,c}``; "full" holds (|T|, C, C), the inverse of the
     residual's second-moment matrix (shrunk towards its mean variance), and the term is
-    ``r^T P_t r / C``."""
+    ``r^T P_t r / C``; "joint" holds one (|T| C, |T| C) matrix, the same for the residuals of all
+    steps concatenated per place (t-major), and the term is ``r^T P r / (|T| C)``, with no
+    further mean over t (bench/tune_cpu_joint_rule.md)."""
 
-    kind: Literal["diagonal", "full"]
+    kind: Literal["diagonal", "full", "joint"]
     precision: torch.Tensor
 
     def __eq__(self, other: object) -> bool:
@@ -79,17 +81,28 @@ class FeatureWhitening:
 _FULL_SHRINKAGE = 0.01
 
 
-def fit_feature_whitening(residual: torch.Tensor, kind: Literal["diagonal", "full"]) -> FeatureWhitening:
+def _joint_vectors(residual: torch.Tensor) -> torch.Tensor:
+    """(|T|, B, C, g, g) -> (B, g, g, |T| C): the residuals of all steps of a place, t-major."""
+    n_t, b, c, g1, g2 = residual.shape
+    return residual.permute(1, 3, 4, 0, 2).reshape(b, g1, g2, n_t * c)
+
+
+def fit_feature_whitening(residual: torch.Tensor, kind: Literal["diagonal", "full", "joint"]) -> FeatureWhitening:
     """The weights of :class:`FeatureWhitening` from the residuals of normal images,
     (|T|, N, C, g, g) as ``ComponentMaps.feature_residual``."""
     n_t, _, c = residual.shape[:3]
-    vectors = residual.double().permute(0, 1, 3, 4, 2).reshape(n_t, -1, c)  # (|T|, N*g*g, C)
+    if kind == "joint":  # one matrix over all steps: (1, N*g*g, |T| C)
+        vectors = _joint_vectors(residual.double()).reshape(1, -1, n_t * c)
+    else:
+        vectors = residual.double().permute(0, 1, 3, 4, 2).reshape(n_t, -1, c)  # (|T|, N*g*g, C)
     if kind == "diagonal":
         precision = 1.0 / vectors.pow(2).mean(dim=1).clamp_min(1e-12)
     else:
-        moments = vectors.transpose(1, 2) @ vectors / vectors.shape[1]  # (|T|, C, C)
+        moments = vectors.transpose(1, 2) @ vectors / vectors.shape[1]  # (M, D, D)
         ridge = _FULL_SHRINKAGE * moments.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-        precision = torch.linalg.inv(moments + ridge.view(-1, 1, 1) * torch.eye(c, dtype=torch.float64))
+        eye = torch.eye(moments.shape[-1], dtype=torch.float64)
+        precision = torch.linalg.inv(moments + ridge.view(-1, 1, 1) * eye)
+        precision = precision[0] if kind == "joint" else precision
     return FeatureWhitening(kind=kind, precision=precision.float())
 
 
@@ -409,8 +422,18 @@ def feature_term(residual: torch.Tensor, whitening: FeatureWhitening | None,
                  size: tuple[int, int]) -> torch.Tensor:
     """Eq. 11's second term from the residual ``F_hat - F`` (|T|, B, C, g, g): the squared error
     over channels at each t (the paper's mean over channels, or weighted by ``whitening``),
-    upsampled bilinearly to ``size``, then the mean over t: (B, H, W)."""
+    upsampled bilinearly to ``size``, then the mean over t: (B, H, W). A "joint" whitening
+    weighs all steps' residuals of a place at once instead (no mean over t)."""
     n_t, b, c = residual.shape[:3]
+    if whitening is not None and whitening.kind == "joint":
+        precision = whitening.precision.to(device=residual.device, dtype=residual.dtype)
+        if tuple(precision.shape) != (n_t * c, n_t * c):
+            raise ValueError(f"the joint feature whitening was fitted for {precision.shape[0]} values "
+                             f"per place (scoring steps x channels), the residual has {n_t} x {c}")
+        vectors = _joint_vectors(residual)
+        err = torch.einsum("bxyk,kl,bxyl->bxy", vectors, precision, vectors) / (n_t * c)
+        err = F.interpolate(err.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+        return err[:, 0]
     if whitening is None:
         err = residual.pow(2).mean(dim=2)
     else:

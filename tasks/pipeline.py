@@ -213,6 +213,8 @@ def _computation(cfg: DiffadConfig) -> str:
         text += ", maps calibrated on held-out normals"
     if s.feature_whitening != "none":
         text += f", feature residual whitened ({s.feature_whitening})"
+    if s.kl_scale != "per_image":
+        text += f", KL term in {s.kl_scale.replace('_', ' ')} (not normalised per image)"
     if cfg.feature_image_size is not None:
         text += (f"; feature target on {cfg.feature_image_size} px images, "
                  f"UNet and PaDiM on {cfg.data.image_size} px")

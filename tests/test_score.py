@@ -426,6 +426,41 @@ def test_whitening_fitted_on_normals_gives_them_unit_mean_and_undoes_channel_sca
                               rtol=0.1)
 
 
+def test_joint_whitening_weighs_all_steps_of_a_place_at_once() -> None:
+    """"joint" (bench/tune_cpu_joint_rule.md): per grid cell, the residuals of every step
+    concatenated (t-major) as r, the term r^T P r / (|T| C), upsampled; no mean over t. It is
+    invariant to any rotation of those |T| C values (mixing steps too), which "full" is not."""
+    normal, test = _residuals(seed=5, b=48, spread=0.3), _residuals(seed=6, spread=0.3)
+    w = fit_feature_whitening(normal, "joint")
+    n_t, b, c, g, _ = test.shape
+    assert tuple(w.precision.shape) == (n_t * c, n_t * c)
+    p = w.precision.double().numpy()
+    err = np.zeros((b, g, g))
+    for i in range(b):
+        for y in range(g):
+            for x in range(g):
+                r = np.concatenate([test[t, i, :, y, x].double().numpy() for t in range(n_t)])
+                err[i, y, x] = r @ p @ r / (n_t * c)
+    expected = F.interpolate(torch.from_numpy(err).float().unsqueeze(1), size=(8, 8), mode="bilinear",
+                             align_corners=False)[:, 0]
+    assert torch.allclose(feature_term(test, w, (8, 8)), expected, rtol=1e-4, atol=1e-6)
+    mix = torch.linalg.qr(torch.randn(n_t * c, n_t * c, generator=torch.Generator().manual_seed(7)))[0]
+
+    def mixed(x: torch.Tensor) -> torch.Tensor:  # a rotation of the |T| C values of each place
+        flat = torch.einsum("kl,bxyl->bxyk", mix, x.permute(1, 3, 4, 0, 2).reshape(x.shape[1], g, g, n_t * c))
+        return flat.reshape(x.shape[1], g, g, n_t, c).permute(3, 0, 4, 1, 2).contiguous()
+
+    for kind, invariant in (("joint", True), ("full", False)):
+        before = feature_term(test, fit_feature_whitening(normal, kind), (4, 4))
+        after = feature_term(mixed(test), fit_feature_whitening(mixed(normal), kind), (4, 4))
+        assert torch.allclose(before, after, rtol=1e-3, atol=1e-6) is invariant, kind
+    with pytest.raises(ValueError, match="joint feature whitening was fitted for 15 values"):
+        feature_term(_residuals(n_t=2), w, (4, 4))
+    again = MapCalibration.from_dict(json.loads(json.dumps(
+        MapCalibration(kl_mean=0, kl_std=1, feature_mean=0, feature_std=1, whitening=w).to_dict())))
+    assert again.whitening == w
+
+
 def test_whitening_fitted_for_other_steps_or_channels_is_refused() -> None:
     w = fit_feature_whitening(_residuals(n_t=2), "full")
     with pytest.raises(ValueError, match="scoring steps, channels"):
