@@ -18,13 +18,9 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-import pandas as pd
 
 import tune_cpu_faint as faint  # beside this script: the families, their models, round nine's scoring
 
-ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 0.1  # the cpu preset's (checked in main())
 AUTO = ("data.augment_dihedral=auto",)
 
@@ -66,18 +62,13 @@ def main() -> int:
     assert preset.data.augment_dihedral == "none" and preset.score.alpha == ALPHA, "the cpu preset moved"
     assert all(getattr(preset.score, k) == v for k, v in faint.PRESET_SCORING.items())
     t0 = time.perf_counter()
-    faint._generate()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        faint_train_s = dict(zip(faint.CATEGORIES, pool.map(faint._train, faint.CATEGORIES)))
+    faint_train_s = faint.prepared_models()
     allowed = {c: _allowed(c) for c in faint.CATEGORIES}
     print(f"allowed: {allowed}", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        train_s = dict(zip(faint.CATEGORIES, pool.map(_train, faint.CATEGORIES, [allowed[c] for c in faint.CATEGORIES])))
+        train_s = dict(zip(faint.CATEGORIES, pool.map(_train, faint.CATEGORIES, allowed.values())))
     print(f"trained (s, 0 where the model was there or nothing is allowed): {train_s}", flush=True)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        df = pd.DataFrame([r for part in pool.map(_rows, faint.CATEGORIES, [allowed[c] for c in faint.CATEGORIES])
-                           for r in part])
-    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    df = faint.per_category(_rows, allowed.values())
     means = df.groupby(["family", "candidate"]).mean3.mean()
     base_faint, base_full = means[("faint", "none")], means[("full", "none")]
     f, u = means[("faint", "auto")], means[("full", "auto")]
@@ -98,9 +89,7 @@ def main() -> int:
         f"  -> {'auto' if adopted else 'none'}",
         "", "per category:", df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
     ]
-    path = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_dihedral.txt"))
-    path.write_text("\n".join(out) + "\n")
-    print("\n".join(out))
+    faint.write_output("tune_cpu_dihedral.txt", out)
     return 0
 
 

@@ -106,6 +106,30 @@ def scored_families(category: str, alpha: float, timesteps: list[int] | None = N
     return settings, calibration, records
 
 
+def prepared_models() -> dict[str, float]:
+    """Both families generated and round eight's ``feat256`` models trained where missing, two
+    categories at a time: the training seconds per category (0 where the model was there)."""
+    _generate()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CATEGORIES, pool.map(_train, CATEGORIES)))
+
+
+def per_category(rows_of, *extra) -> pd.DataFrame:
+    """``rows_of(category, *per-category extras)`` for every category, two at a time, as one
+    frame with ``mean3``, the mean of the three metrics."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        df = pd.DataFrame([r for part in pool.map(rows_of, CATEGORIES, *extra) for r in part])
+    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    return df
+
+
+def write_output(default_name: str, lines: list[str]) -> None:
+    """A round's output to ``$TUNE_OUT``, else bench/<default_name>, and to the console."""
+    path = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / default_name))
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def record_metrics(records) -> dict[str, float]:
     """Pixel AUROC, PRO (FPR limit 0.3) and image AUROC of one test split's score records, as
     the pipeline computes them from Eq. 11's maps and image scores."""

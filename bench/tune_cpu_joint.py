@@ -11,17 +11,11 @@ contrast, "faint") with the ``cpu`` preset's scoring, once per whitening (``full
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-import pandas as pd
 
 import tune_cpu_faint as faint  # beside this script: the families, their models, round nine's scoring
 
-ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 0.1  # the cpu preset's (checked in main())
 CANDIDATES = ("full", "joint")
 
@@ -43,12 +37,8 @@ def main() -> int:
     assert preset.feature_whitening == "full" and preset.alpha == ALPHA, "the cpu preset moved"
     assert all(getattr(preset, k) == v for k, v in faint.PRESET_SCORING.items())
     t0 = time.perf_counter()
-    faint._generate()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        train_s = dict(zip(faint.CATEGORIES, pool.map(faint._train, faint.CATEGORIES)))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        df = pd.DataFrame([r for part in pool.map(_rows, faint.CATEGORIES) for r in part])
-    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    train_s = faint.prepared_models()
+    df = faint.per_category(_rows)
     means = df.groupby(["family", "whitening"]).mean3.mean()
     base_faint, base_full = means[("faint", "full")], means[("full", "full")]
     f, u = means[("faint", "joint")], means[("full", "joint")]
@@ -67,9 +57,7 @@ def main() -> int:
         f"  -> {'joint' if adopted else 'full'}",
         "", "per category:", df.groupby(["family", "category", "whitening"])[cols].mean().round(3).to_string(),
     ]
-    path = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_joint.txt"))
-    path.write_text("\n".join(out) + "\n")
-    print("\n".join(out))
+    faint.write_output("tune_cpu_joint.txt", out)
     return 0
 
 

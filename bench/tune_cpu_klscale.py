@@ -12,19 +12,14 @@ variant; the maps are then mixed at every alpha of the rule. Output: bench/tune_
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 import tune_cpu_faint as faint  # beside this script: the families, their models, round nine's scoring
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("per_image", "bits", "log_bits")
 ALPHAS = (0.1, 0.2, 0.3, 0.5, 0.7)
 BASELINE = ("per_image", 0.1)  # the cpu preset as round fourteen leaves it (checked in main())
@@ -67,13 +62,9 @@ def main() -> int:
     assert all(getattr(preset, k) == v for k, v in faint.PRESET_SCORING.items()), "the cpu preset moved"
     assert (preset.kl_scale, preset.alpha) == BASELINE and preset.position_mean_sigma == 2.0
     t0 = time.perf_counter()
-    faint._generate()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        train_s = dict(zip(faint.CATEGORIES, pool.map(faint._train, faint.CATEGORIES)))
+    train_s = faint.prepared_models()
     print(f"trained (s, 0 where the model was there): {train_s}", flush=True)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        df = pd.DataFrame([r for part in pool.map(_rows, faint.CATEGORIES) for r in part])
-    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    df = faint.per_category(_rows)
     mixes = df[df.alpha.isin(ALPHAS)]
     means = mixes.groupby(["family", "kl_scale", "alpha"]).mean3.mean()
 
@@ -111,9 +102,7 @@ def main() -> int:
         "", "chosen per category:", pick.groupby(["family", "category"])[cols].mean().round(3).to_string(),
         "", "each term alone per category:", terms.groupby(["family", "category", "term"])[cols].mean().round(3).to_string(),
     ]
-    path = Path(os.environ.get("TUNE_OUT", ROOT / "bench" / "tune_cpu_klscale.txt"))
-    path.write_text("\n".join(out) + "\n")
-    print("\n".join(out))
+    faint.write_output("tune_cpu_klscale.txt", out)
     return 0
 
 
