@@ -70,9 +70,7 @@ def main() -> int:
     print(f"trained (s, 0 where the model was there or nothing is allowed): {train_s}", flush=True)
     df = faint.per_category(_rows, allowed.values())
     means = df.groupby(["family", "candidate"]).mean3.mean()
-    base_faint, base_full = means[("faint", "none")], means[("full", "none")]
-    f, u = means[("faint", "auto")], means[("full", "auto")]
-    adopted = f > base_faint + 0.005 and u >= base_full - 0.005
+    chosen, base_faint, base_full, lines = faint.one_step_rule(means, "none", ["auto"], str)
 
     cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
     out = [
@@ -85,8 +83,7 @@ def main() -> int:
         *[f"  {c}: {', '.join(names) or 'none'}" for c, names in allowed.items()],
         "", "means over categories:", df.groupby(["family", "candidate"])[cols].mean().round(3).to_string(),
         "", f"rule (from none: M_faint {base_faint:.3f}, M_full {base_full:.3f}):",
-        f"  auto: M_faint {f:.3f}  M_full {u:.3f}" + ("  qualifies" if adopted else ""),
-        f"  -> {'auto' if adopted else 'none'}",
+        *lines, f"  -> {chosen}",
         "", "per category:", df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
     ]
     faint.write_output("tune_cpu_dihedral.txt", out)

@@ -130,6 +130,27 @@ def write_output(default_name: str, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
+def one_step_rule(means: pd.Series, baseline, candidates, label) -> tuple[object, float, float, list[str]]:
+    """The rule of rounds nine on: a candidate qualifies if its M_faint beats the baseline's by
+    more than 0.005 and its M_full is not more than 0.005 below the baseline's; the qualifying
+    one with the best M_faint is chosen, else the baseline. ``means``: mean3 indexed by
+    (family, *setting), a setting a tuple or one value; ``label(setting)`` names a candidate's
+    line. Returns (chosen, baseline M_faint, baseline M_full, one line per candidate)."""
+    def value(family: str, setting) -> float:
+        return float(means[(family, *setting) if isinstance(setting, tuple) else (family, setting)])
+
+    base_faint, base_full = value("faint", baseline), value("full", baseline)
+    lines, qualifying = [], []
+    for cand in candidates:
+        f, u = value("faint", cand), value("full", cand)
+        ok = f > base_faint + 0.005 and u >= base_full - 0.005
+        lines.append(f"  {label(cand)}: M_faint {f:.3f}  M_full {u:.3f}" + ("  qualifies" if ok else ""))
+        if ok:
+            qualifying.append((f, cand))
+    chosen = max(qualifying, key=lambda fc: fc[0])[1] if qualifying else baseline
+    return chosen, base_faint, base_full, lines
+
+
 def record_metrics(records) -> dict[str, float]:
     """Pixel AUROC, PRO (FPR limit 0.3) and image AUROC of one test split's score records, as
     the pipeline computes them from Eq. 11's maps and image scores."""

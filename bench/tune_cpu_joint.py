@@ -40,9 +40,7 @@ def main() -> int:
     train_s = faint.prepared_models()
     df = faint.per_category(_rows)
     means = df.groupby(["family", "whitening"]).mean3.mean()
-    base_faint, base_full = means[("faint", "full")], means[("full", "full")]
-    f, u = means[("faint", "joint")], means[("full", "joint")]
-    adopted = f > base_faint + 0.005 and u >= base_full - 0.005
+    chosen, base_faint, base_full, lines = faint.one_step_rule(means, "full", ["joint"], str)
 
     cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
     out = [
@@ -53,8 +51,7 @@ def main() -> int:
         f"training s per category (0: the model was there): {train_s}",
         "", "means over categories:", df.groupby(["family", "whitening"])[cols].mean().round(3).to_string(),
         "", f"rule (from full: M_faint {base_faint:.3f}, M_full {base_full:.3f}):",
-        f"  joint: M_faint {f:.3f}  M_full {u:.3f}" + ("  qualifies" if adopted else ""),
-        f"  -> {'joint' if adopted else 'full'}",
+        *lines, f"  -> {chosen}",
         "", "per category:", df.groupby(["family", "category", "whitening"])[cols].mean().round(3).to_string(),
     ]
     faint.write_output("tune_cpu_joint.txt", out)

@@ -68,19 +68,9 @@ def main() -> int:
     mixes = df[df.alpha.isin(ALPHAS)]
     means = mixes.groupby(["family", "kl_scale", "alpha"]).mean3.mean()
 
-    base_faint, base_full = means[("faint", *BASELINE)], means[("full", *BASELINE)]
-    lines, qualifying = [], []
-    for variant in VARIANTS:
-        for alpha in ALPHAS:
-            if (variant, alpha) == BASELINE:
-                continue
-            f, u = means[("faint", variant, alpha)], means[("full", variant, alpha)]
-            ok = f > base_faint + 0.005 and u >= base_full - 0.005
-            lines.append(f"  {variant:>9} alpha {alpha:.1f}: M_faint {f:.3f}  M_full {u:.3f}"
-                         + ("  qualifies" if ok else ""))
-            if ok:
-                qualifying.append((f, variant, alpha))
-    chosen = max(qualifying)[1:] if qualifying else BASELINE
+    candidates = [(v, a) for v in VARIANTS for a in ALPHAS if (v, a) != BASELINE]
+    chosen, base_faint, base_full, lines = faint.one_step_rule(
+        means, BASELINE, candidates, lambda c: f"{c[0]:>9} alpha {c[1]:.1f}")
 
     cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
     terms = df[df.alpha.isin((0.0, 1.0))].assign(
