@@ -38,6 +38,16 @@ def test_training_length_follows_the_budget() -> None:
     assert large < narrow < small  # half the width: cheaper, not as cheap as a quarter of the pixels
 
 
+def test_cpu_preset_trains_what_round_eighteen_chose() -> None:
+    """Four categories of 256 px images: 1310 steps at 64 px with the 256 px feature target, the
+    30-minute budget bench/tune_cpu_finegrid.txt adopted (1092 for the 25 minutes before it)."""
+    cfg = load_config("cpu")
+    assert cfg.auto.time_budget_minutes == 30.0
+    assert training_steps(cfg, 64, 4, 256) == 1310
+    before = cfg.model_copy(update={"auto": cfg.auto.model_copy(update={"time_budget_minutes": 25.0})})
+    assert training_steps(before, 64, 4, 256) == 1092
+
+
 def test_fit_narrows_a_larger_network(tmp_path: Path) -> None:
     """A 128 px fit gets half the preset's width and the training length of that width; at the
     preset's 64 px cap the width stays the preset's."""
@@ -99,7 +109,8 @@ def test_fit_with_a_larger_feature_target(tmp_path: Path) -> None:
     assert fitted.data.image_size == 64 and fitted.features.image_size == 128  # capped by the images
     assert fitted.feature_image_size == 128 and fitted.network_size == 64
     assert fitted.train.iterations == training_steps(cfg, 64, 1, 128)
-    assert training_steps(cfg, 64, 4, 256) < training_steps(cfg, 64, 4, 128) < training_steps(cfg, 64, 4)
+    # eight categories: with four, the 128 px target and none both reach the 1500-step cap
+    assert training_steps(cfg, 64, 8, 256) < training_steps(cfg, 64, 8, 128) < training_steps(cfg, 64, 8)
     plain = fit_to_data(load_config("cpu", overrides=[f"data.root={root}", "auto.max_feature_size=null"]), root)
     assert plain.features.image_size is None and plain.feature_image_size is None
     same = load_config("cpu", overrides=[f"data.root={root}", "auto.max_feature_size=64"])
