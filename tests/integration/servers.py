@@ -110,12 +110,18 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd]
 
 
+# How long a process may take to exit after SIGTERM before it gets SIGKILL.
+_STOP_SECONDS = 20
+
+
 @dataclass
 class Servers:
-    """What a test started; :meth:`stop_all` (run by the fixture) stops it in reverse order."""
+    """What a test started; :meth:`stop_all` (run by the fixture) stops it."""
 
     tmp: Path
     _stops: list[Callable[[], None]] = field(default_factory=list)
+    _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _terminated: set[int] = field(default_factory=set)
 
     def process(self, cmd: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
         """Start ``cmd`` in its own session (so its children stop with it), output to a log."""
@@ -123,21 +129,33 @@ class Servers:
         fh = open(log, "wb")  # noqa: SIM115 - closed when the process is stopped
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        self._processes.append(proc)
 
         def _stop() -> None:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=20)
+            self._terminate(proc)
+            try:
+                proc.wait(timeout=_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
             fh.close()
 
         self._stops.append(_stop)
         return proc
 
+    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM to the process's session, once."""
+        if proc.poll() is None and proc.pid not in self._terminated:
+            self._terminated.add(proc.pid)
+            os.killpg(proc.pid, signal.SIGTERM)
+
     def stop_all(self) -> None:
+        """Every process is sent SIGTERM at once, latest first, so their shutdowns overlap instead
+        of queueing behind one that waits out its timeout; then every stop runs in reverse order
+        (each waits for its process and kills it after ``_STOP_SECONDS``; PostgreSQL's comes after
+        the servers that use it)."""
+        for proc in reversed(self._processes):
+            self._terminate(proc)
         while self._stops:
             self._stops.pop()()
 
