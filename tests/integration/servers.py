@@ -110,8 +110,10 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd]
 
 
-# How long a process may take to exit after SIGTERM before it gets SIGKILL.
-_STOP_SECONDS = 20
+# How long a process may take to exit after SIGTERM before it gets SIGKILL. Prefect workers that
+# have run flows sometimes never exit on SIGTERM (their log ends at "Received SIGINT"); the
+# servers exit within a second.
+_STOP_SECONDS = 10
 
 
 @dataclass
@@ -121,7 +123,7 @@ class Servers:
     tmp: Path
     _stops: list[Callable[[], None]] = field(default_factory=list)
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    _terminated: set[int] = field(default_factory=set)
+    _kill_at: dict[int, float] = field(default_factory=dict)  # pid -> when SIGKILL follows SIGTERM
 
     def process(self, cmd: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
         """Start ``cmd`` in its own session (so its children stop with it), output to a log."""
@@ -134,7 +136,7 @@ class Servers:
         def _stop() -> None:
             self._terminate(proc)
             try:
-                proc.wait(timeout=_STOP_SECONDS)
+                proc.wait(timeout=max(0.0, self._kill_at.get(proc.pid, 0.0) - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=20)
@@ -144,16 +146,16 @@ class Servers:
         return proc
 
     def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGTERM to the process's session, once."""
-        if proc.poll() is None and proc.pid not in self._terminated:
-            self._terminated.add(proc.pid)
+        """SIGTERM to the process's session, once; SIGKILL is due ``_STOP_SECONDS`` later."""
+        if proc.poll() is None and proc.pid not in self._kill_at:
+            self._kill_at[proc.pid] = time.monotonic() + _STOP_SECONDS
             os.killpg(proc.pid, signal.SIGTERM)
 
     def stop_all(self) -> None:
-        """Every process is sent SIGTERM at once, latest first, so their shutdowns overlap instead
-        of queueing behind one that waits out its timeout; then every stop runs in reverse order
-        (each waits for its process and kills it after ``_STOP_SECONDS``; PostgreSQL's comes after
-        the servers that use it)."""
+        """Every process is sent SIGTERM at once, latest first, so their grace periods run
+        together: a teardown waits one ``_STOP_SECONDS`` at most, not one per process that ignores
+        SIGTERM. Then every stop runs in reverse order (each waits for its process until its
+        grace period ends, then kills it; PostgreSQL's stop comes after the servers using it)."""
         for proc in reversed(self._processes):
             self._terminate(proc)
         while self._stops:
