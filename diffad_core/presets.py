@@ -72,8 +72,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # (0.925 at 128; bench/tune_cpu_features_rule.md, bench/tune_cpu_features.txt).
         # The training length fitted to a 30-minute budget (issue #8's): 1310 steps against 1092
         # for 25 minutes, 0.853 against 0.847 on the faint tuning family, 0.978 both as painted
-        # (bench/tune_cpu_finegrid_rule.md, bench/tune_cpu_finegrid.txt). The budget's cost
-        # model is conservative: held-out runs took about 0.8 of it.
+        # (bench/tune_cpu_finegrid_rule.md, bench/tune_cpu_finegrid.txt). Held-out seed 13 took
+        # 27 of the 30 minutes, on a day a training step ran 10-20 % slower than when the cost
+        # model was measured (bench/heldout_seed13_benchmark.txt).
         "auto": {"enabled": True, "max_image_size": 64, "max_feature_size": 256,
                  "time_budget_minutes": 30.0},
         "unet": {"base_channels": 32, "num_res_blocks": 1, "num_head_channels": 32,
