@@ -31,10 +31,10 @@ TRAININGS = {"grid32": ("unet.feature_stride=2",), "long": ("auto.time_budget_mi
 TIME_CAP = {"grid32": 1.15, "long": 1.3}  # the rule's, against base's training time
 
 
-def _logged(training: str, category: str, key: str):
-    """``key`` of the summary line a training writes last in its log."""
+def _logged(training: str, category: str) -> dict:
+    """The summary line a training writes last in its log (its steps and seconds)."""
     last = (faint.HOME / "logs" / f"{training}.{category}.train.log").read_text().strip().splitlines()[-1]
-    return json.loads(last)[key]
+    return json.loads(last)
 
 
 def _rows(category: str) -> list[dict]:
@@ -46,10 +46,10 @@ def _rows(category: str) -> list[dict]:
         score_s = time.perf_counter() - start
         cfg = json.loads((faint.HOME / "ck" / training / category / "config.json").read_text())
         grid = settings.feature_map_size or cfg["data"]["image_size"] // cfg["unet"]["feature_stride"]
+        logged = _logged(training, category)
         rows += [{"family": family, "category": category, "candidate": name,
-                  **faint.record_metrics(recs), "grid": grid,
-                  "steps": _logged(training, category, "steps"),
-                  "train_s": _logged(training, category, "seconds"), "score_s": score_s}
+                  **faint.record_metrics(recs), "grid": grid, "steps": logged["steps"],
+                  "train_s": logged["seconds"], "score_s": score_s}
                  for family, recs in records.items()]
     return rows
 
