@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("synth", help="generate the synthetic MVTec-format dataset")
     p.add_argument("--root", required=True, type=Path, help="target folder")
-    add_category_argument(p, "only this category (default: weave, gravel, washer, bolt)")
+    add_category_argument(p, "only this category (default: weave, gravel, washer, bolt; "
+                              "the photo tuning family: moon, tissue, cameraman, retina)")
     _add_generator_arguments(p, defaults=None)
     p.add_argument("--defect-contrast", type=float, default=None, metavar="C",
                    help="blend every test defect in at this fraction of its change, in (0, 1] "

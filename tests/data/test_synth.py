@@ -12,6 +12,8 @@ from PIL import Image
 from diffad_core.config import SYNTH_CATEGORIES, SynthConfig
 from diffad_core.data.synth import scenes, writer
 from diffad_core.data.synth import CATEGORY_DEFECTS, MARKER_NAME, generate_dataset
+from diffad_core.data.synth.defects import min_defect_area
+from diffad_core.data.synth.photos import PHOTO_CATEGORIES
 
 TINY = SynthConfig(size=32, seed=0, n_train=2, n_test_good=1, n_test_per_defect=2)
 
@@ -27,7 +29,10 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_categories_are_known() -> None:
-    assert set(SYNTH_CATEGORIES) == set(CATEGORY_DEFECTS)
+    # The default four, plus the photo tuning family's four, generated only when named.
+    assert set(SYNTH_CATEGORIES) | set(PHOTO_CATEGORIES) == set(CATEGORY_DEFECTS)
+    assert not set(SYNTH_CATEGORIES) & set(PHOTO_CATEGORIES)
+    assert SynthConfig().categories == list(SYNTH_CATEGORIES)
     for defects in CATEGORY_DEFECTS.values():
         assert len(defects) >= 3
 
@@ -92,10 +97,10 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path: Path,
     assert pngs and all(other[n] != again[n] for n in pngs)
 
 
-@pytest.mark.parametrize("category", list(SYNTH_CATEGORIES))
+@pytest.mark.parametrize("category", list(CATEGORY_DEFECTS))
 def test_masks_are_exactly_the_changed_pixels(category: str) -> None:
     size = 64
-    min_area = (2.5 * size / 64) ** 2
+    min_area = min_defect_area(size)
     for defect in CATEGORY_DEFECTS[category]:
         for index in range(3):
             clean, image, mask = writer._render_sample(category, size, 7, "test", defect, index)
@@ -113,6 +118,7 @@ def test_masks_are_exactly_the_changed_pixels(category: str) -> None:
 
 
 def test_good_samples_have_no_mask_and_train_matches_test_statistics() -> None:
+    # The default four only: a photo texture's 48 px crops differ more (dark and bright parts).
     for cat in SYNTH_CATEGORIES:
         clean, image, mask = writer._render_sample(cat, 48, 0, "test", "good", 0)
         assert mask is None and clean is image
@@ -218,8 +224,11 @@ def test_bad_config_is_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", [16, 48])
 def test_tiny_images_always_get_a_defect(size: int) -> None:
-    # The smoke preset renders at 48 px; 16 px is the smallest size allowed.
+    # The smoke preset renders at 48 px; 16 px is the smallest size allowed. The photo family
+    # (drawn at 256 px) is checked down to 24 px: at 16 px the moon is too smooth for a bend.
     for category, defects in CATEGORY_DEFECTS.items():
+        if category in PHOTO_CATEGORIES:
+            size = max(size, 24)
         for defect in defects:
             for index in range(4):
                 clean, image, mask = writer._render_sample(category, size, 2, "test", defect, index)
@@ -242,7 +251,7 @@ def test_fainter_defects_keep_the_normal_images_and_blend_the_defects(tmp_path: 
     assert "defect_contrast" not in json.loads(full[f"weave/{MARKER_NAME}"])
 
 
-@pytest.mark.parametrize("category", list(SYNTH_CATEGORIES))
+@pytest.mark.parametrize("category", list(CATEGORY_DEFECTS))
 def test_a_faint_defect_is_the_painted_one_at_that_contrast(category: str) -> None:
     c = 0.35
     blended = 0

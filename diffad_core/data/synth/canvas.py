@@ -28,3 +28,11 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32),
                                     sigma=max(sigma, 0.5), mode="wrap")
     return (field / (field.std() + 1e-8)).astype(np.float32)
+
+
+def dark_backing(rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
+    """What shows through a hole in a texture or photo: a dark, faintly mottled surface."""
+    base = rng.uniform(0.05, 0.10)
+    img = base + 0.02 * smooth_noise(rng, (size, size), 3.0)[..., None] \
+        + rng.normal(0, 0.01, (size, size, channels))
+    return np.clip(img, 0, 1).astype(np.float32)

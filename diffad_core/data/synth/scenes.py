@@ -1,8 +1,10 @@
-"""The four synthetic categories: renderers of clean normal scenes and their foreign material.
+"""The synthetic categories: renderers of clean normal scenes and their foreign material.
 
 Two textures ("weave": a procedural plain weave; "gravel": crops of scikit-image's bundled
 CC0 gravel photo) and two objects ("washer": an RGB hex nut on a dark background; "bolt": a
-GRAYSCALE screw on a light background, saved as 1-channel PNG like MVTec's screw).
+GRAYSCALE screw on a light background, saved as 1-channel PNG like MVTec's screw): the default
+four. Four more are cut from other photographs (``photos``: moon, tissue, cameraman, retina),
+the photo tuning family, generated only when asked for by name.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from diffad_core.data.synth.canvas import Scene, grid, smooth_noise
+from diffad_core.data.synth.canvas import Scene, dark_backing, grid, smooth_noise
+from diffad_core.data.synth.defects import ANY_IMAGE_DEFECTS
+from diffad_core.data.synth.photos import PHOTO_CATEGORIES
 
 # Defect types per category (MVTec does not give every category every type either).
 CATEGORY_DEFECTS: dict[str, tuple[str, ...]] = {
@@ -24,8 +28,10 @@ CATEGORY_DEFECTS: dict[str, tuple[str, ...]] = {
     "gravel": ("hole", "patch", "scratch", "stain"),
     "washer": ("bend", "hole", "patch", "scratch", "stain"),
     "bolt": ("bend", "cut", "scratch", "stain"),
+    **{name: tuple(sorted(ANY_IMAGE_DEFECTS)) for name in PHOTO_CATEGORIES},
 }
-CATEGORY_CHANNELS: dict[str, int] = {"weave": 3, "gravel": 3, "washer": 3, "bolt": 1}
+CATEGORY_CHANNELS: dict[str, int] = {"weave": 3, "gravel": 3, "washer": 3, "bolt": 1,
+                                     **{name: spec[2] for name, spec in PHOTO_CATEGORIES.items()}}
 
 
 @dataclass(frozen=True)
@@ -90,16 +96,9 @@ def _weave_image(rng: np.random.Generator, size: int, period_scale: float = 1.0,
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def _dark_backing(rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
-    base = rng.uniform(0.05, 0.10)
-    img = base + 0.02 * smooth_noise(rng, (size, size), 3.0)[..., None] \
-        + rng.normal(0, 0.01, (size, size, channels))
-    return np.clip(img, 0, 1).astype(np.float32)
-
-
 def _render_weave(rng: np.random.Generator, size: int) -> Scene:
     return Scene(_weave_image(rng, size), np.ones((size, size), bool),
-                  _dark_backing(rng, size, 3))
+                  dark_backing(rng, size, 3))
 
 
 def _foreign_weave(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -137,7 +136,7 @@ def _render_gravel(rng: np.random.Generator, size: int) -> Scene:
     tint = _GRAVEL_TINT + rng.normal(0, 0.01, 3).astype(np.float32)
     img = gray[..., None] * tint + rng.normal(0, 0.01, (size, size, 3))
     return Scene(np.clip(img, 0, 1).astype(np.float32), np.ones((size, size), bool),
-                  _dark_backing(rng, size, 3))
+                  dark_backing(rng, size, 3))
 
 
 def _foreign_gravel(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -263,4 +262,5 @@ CATEGORIES: dict[str, Category] = {
     "gravel": Category(_render_gravel, _foreign_gravel),
     "washer": Category(_render_washer, _foreign_washer),
     "bolt": Category(_render_bolt, _foreign_bolt),
+    **{name: Category(render, foreign) for name, (render, foreign, _) in PHOTO_CATEGORIES.items()},
 }

@@ -52,6 +52,12 @@ Categories
   washer  object, RGB         a hex nut with small pose, colour and lighting variation
   bolt    object, grayscale   a screw with small pose and lighting variation (1-channel PNG)
 
+  Only when named (the photo tuning family), cut from other scikit-image photographs:
+  moon       texture, grayscale  crops of "moon" with flips, quarter turns, brightness jitter
+  tissue     texture, RGB        crops of "immunohistochemistry", the same
+  cameraman  object, grayscale   "camera", one framing shifted a few %, turned up to 2 degrees
+  retina     object, RGB         "retina", the same
+
 Layout
   <category>/train/good/NNN.png                 normal training images
   <category>/test/good/NNN.png                  normal test images
@@ -60,7 +66,8 @@ Layout
 
 Each mask marks exactly the pixels the defect changed.
 
-License: the generated images may be used freely (CC0); the gravel source image is CC0.
+License: the generated images may be used freely (CC0); the gravel source image is CC0;
+the other photographs are scikit-image's (see its data/README for their licenses).
 """
 
 
