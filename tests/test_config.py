@@ -186,3 +186,11 @@ def test_position_means_need_the_calibration_and_are_an_evaluation_setting():
     with pytest.raises(ConfigError, match="position_mean_sigma must be >= 0 or null"):
         load_config("cpu", overrides=["score.position_mean_sigma=-1"])
     assert load_config("cpu", overrides=["score.position_mean_sigma=null"]).model_hash() == cfg.model_hash()
+
+
+def test_cpu_image_score_is_round_nineteens_top_64_and_an_evaluation_setting():
+    # bench/tune_cpu_photo.txt: top-64 mean chosen on the photo tuning family.
+    cfg = load_config("cpu")
+    assert cfg.score.top_k == 64 and cfg.score.image_score_sigma == 0
+    assert load_config("cpu-demo").score.top_k is None  # the demo keeps the paper's default
+    assert load_config("cpu", overrides=["score.top_k=null"]).model_hash() == cfg.model_hash()
