@@ -1,0 +1,128 @@
+"""Round twenty of issue #8: twice the held-out normals for the calibration.
+
+The rule was fixed and committed before this script (bench/tune_cpu_holdout_rule.md). Both tuning
+families (the photo family of round nineteen, the synthetic seed-1 family) get a fresh training
+of the `cpu` preset with `score.validation_fraction=0.2` (`$TUNE_HOME/ck/holdout20`), and each
+model, with round nineteen's as the baseline (`ck/photo`, `ck/long`), scores its family as
+painted and at 0.35 contrast with the preset's scoring (top-64 image score) and its own
+calibration. Output: bench/tune_cpu_holdout.txt.
+
+    TUNE_HOME=/tmp/diffad-tune-draws .venv/bin/python bench/tune_cpu_holdout.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import product
+
+import pandas as pd
+import torch
+
+import tune_cpu_faint as faint  # beside this script: the synthetic families, training, metrics
+import tune_cpu_photo as photo  # the photo families and their models
+
+FRACTION = 0.2
+TOP_K = 64  # the preset's image score since round nineteen (checked in main())
+CATEGORIES = (*photo.PHOTO_CATEGORIES, *faint.CATEGORIES)
+# candidate -> training folder per family kind
+TRAININGS = {"preset": {"photo": "photo", "synth": "long"}, "holdout20": {"photo": "holdout20", "synth": "holdout20"}}
+
+
+def _kind(category: str) -> str:
+    return "photo" if category in photo.PHOTO_CATEGORIES else "synth"
+
+
+def _train(category: str) -> float:
+    extra = ("auto.time_budget_minutes=30", f"score.validation_fraction={FRACTION}")
+    if _kind(category) == "photo":
+        extra = (f"data.root={photo.PHOTO_FAMILIES['photo-full']}", *extra)
+    return faint._train(category, TRAININGS["holdout20"][_kind(category)], extra)
+
+
+def _rows(job: tuple[str, str]) -> list[dict]:
+    from diffad_core.config import load_config
+    from diffad_core.data import prepare_split
+    from diffad_core.score import score_split
+    from diffad_core.usecases import load_for_evaluation
+    from diffad_core.validation import calibrate
+
+    candidate, category = job
+    os.environ["DIFFAD_HOME"] = str(faint.HOME)
+    torch.set_num_threads(1)
+    training = TRAININGS[candidate][_kind(category)]
+    folder = faint.HOME / "ck" / training / category
+    ev = load_for_evaluation(folder)
+    preset = load_config("cpu").score
+    settings = ev.cfg.score.model_copy(update={"top_k": TOP_K})
+    scoring_keys = ("alpha", "calibrate_maps", "feature_whitening", "noise_draws", "position_mean_sigma",
+                    "top_k", "image_score_sigma")
+    assert all(getattr(settings, k) == getattr(preset, k) for k in scoring_keys), f"{job}: not the preset's scoring"
+    fraction = settings.validation_fraction
+    assert fraction == (FRACTION if candidate == "holdout20" else 0.1), f"{job}: validation_fraction {fraction}"
+    cfg = ev.cfg.model_copy(update={"score": settings})
+    start = time.perf_counter()
+    calibration = calibrate(ev.model, cfg, category)
+    families = photo.PHOTO_FAMILIES if _kind(category) == "photo" else {f"synth-{k}": v for k, v in faint.FAMILIES.items()}
+    logged = json.loads((faint.HOME / "logs" / f"{training}.{category}.train.log").read_text().strip().splitlines()[-1])
+    rows = []
+    for family, root in families.items():
+        prepared = prepare_split(cfg.with_changes({"data": {"root": str(root)}}), category, "test")
+        records = list(score_split(ev.model, prepared, settings, alpha=settings.alpha, calibration=calibration,
+                                   seed=cfg.seed, progress=False))
+        rows.append({"family": family, "category": category, "candidate": candidate,
+                     **faint.record_metrics(records), "n_held_out": calibration.n_images,
+                     "steps": logged["steps"], "train_s": logged["seconds"]})
+    for row in rows:
+        row["score_s"] = time.perf_counter() - start
+    return rows
+
+
+def main() -> int:
+    from diffad_core.config import load_config
+
+    preset = load_config(preset="cpu")
+    assert preset.score.top_k == TOP_K and preset.score.validation_fraction == 0.1, "the cpu preset moved"
+    assert preset.auto.time_budget_minutes == 30.0
+    t0 = time.perf_counter()
+    photo._generate_photo()
+    faint._generate()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        train_s = dict(zip(CATEGORIES, pool.map(_train, CATEGORIES)))
+    print(f"trained ({time.perf_counter() - t0:.0f} s): {train_s}", flush=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        df = pd.DataFrame([r for part in pool.map(_rows, product(TRAININGS, CATEGORIES)) for r in part])
+    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    means = df.groupby(["family", "candidate"]).mean3.mean()
+
+    families = ("photo-faint", "photo-full", "synth-faint", "synth-full")
+    base = {f: float(means[(f, "preset")]) for f in families}
+    got = {f: float(means[(f, "holdout20")]) for f in families}
+    adopted = (got["photo-faint"] > base["photo-faint"] + 0.005
+               and all(got[f] >= base[f] - 0.005 for f in families[1:]))
+    cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
+    out = [
+        "round twenty (bench/tune_cpu_holdout_rule.md): score.validation_fraction=0.2 (holdout20, trained "
+        "afresh) against the preset (round nineteen's models, ck/photo and ck/long), both tuning families, "
+        "the preset's scoring (top-64 image score), each model with its own calibration",
+        f"total wall time {time.perf_counter() - t0:.0f} s (two jobs at once, one thread each); holdout20 "
+        f"training s per category in this run (0: the model was there): {train_s}",
+        "", "means over categories (train_s: from each training's own log):",
+        df.groupby(["family", "candidate"])[cols + ["n_held_out", "steps", "train_s", "score_s"]]
+          .mean().round(3).to_string(),
+        "", "rule:",
+        "  preset:    " + "  ".join(f"{f} {base[f]:.3f}" for f in families),
+        "  holdout20: " + "  ".join(f"{f} {got[f]:.3f}" for f in families) + ("  qualifies" if adopted else ""),
+        f"  -> {'holdout20' if adopted else 'preset'}",
+        "", "per category:",
+        df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
+    ]
+    faint.write_output("tune_cpu_holdout.txt", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
