@@ -40,20 +40,26 @@ SIGMAS = (0.0, 2.0, 4.0)
 BASELINE = {"alpha": 0.5, "top_k": 4, "sigma": 0.0}
 
 
-def _generate() -> None:
+def generate_pair(full: Path, faint: Path, args: list[str], categories: tuple[str, ...]) -> None:
+    """``diffad data synth ARGS`` into ``full`` as painted and into ``faint`` at the rule's
+    contrast, then a check that their normal images are byte-identical."""
     env = dict(os.environ, DIFFAD_HOME=str(HOME))
-    common = ["--seed", "1", "--size", "256", "--n-train", "60", "--n-test-good", "12",
-              "--n-test-per-defect", "6", "--no-progress"]
-    for name, extra in (("full", []), ("faint", ["--defect-contrast", str(CONTRAST)])):
-        subprocess.run([DIFFAD, "data", "synth", "--root", str(FAMILIES[name]), *common, *extra],
+    for root, extra in ((full, []), (faint, ["--defect-contrast", str(CONTRAST)])):
+        subprocess.run([DIFFAD, "data", "synth", "--root", str(root), *args, "--no-progress", *extra],
                        env=env, check=True, stdout=subprocess.DEVNULL)
-    for category in CATEGORIES:
+    for category in categories:
         for split in ("train/good", "test/good"):
-            a = sorted((FAMILIES["full"] / category / split).glob("*.png"))
-            b = sorted((FAMILIES["faint"] / category / split).glob("*.png"))
+            a = sorted((full / category / split).glob("*.png"))
+            b = sorted((faint / category / split).glob("*.png"))
             if [p.name for p in a] != [p.name for p in b] or any(
                     x.read_bytes() != y.read_bytes() for x, y in zip(a, b)):
                 raise SystemExit(f"{category}/{split}: the faint family's normal images differ")
+
+
+def _generate() -> None:
+    generate_pair(FAMILIES["full"], FAMILIES["faint"], ["--seed", "1", "--size", "256", "--n-train", "60",
+                                                        "--n-test-good", "12", "--n-test-per-defect", "6"],
+                  CATEGORIES)
 
 
 def _train(category: str, training: str = "feat256", extra: tuple[str, ...] = ()) -> float:

@@ -16,7 +16,6 @@ bench/tune_cpu_photo.txt.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,6 @@ import tune_cpu_faint as faint  # beside this script: the synthetic families, tr
 HOME = faint.HOME
 PHOTO_CATEGORIES = ("moon", "tissue", "cameraman", "retina")
 PHOTO_FAMILIES = {"photo-full": HOME / "photo-seed1", "photo-faint": HOME / "photo-seed1-faint"}
-CONTRAST = 0.35
 TRAINING = {"photo": "photo", "synth": "long"}  # $TUNE_HOME/ck/<training> per family kind
 PRESET = {"alpha": 0.1, "top_k": 4, "sigma": 0.0, "position": 2.0}  # checked in main()
 ALPHAS = (0.2, 0.3, 0.5)
@@ -39,20 +37,10 @@ POSITIONS = (0.0, 4.0, None)  # score.position_mean_sigma; None: one mean per te
 
 
 def _generate_photo() -> None:
-    env = dict(os.environ, DIFFAD_HOME=str(HOME))
-    common = ["--seed", "1", "--size", "256", "--n-train", "60", "--n-test-good", "24",
-              "--n-test-per-defect", "8", "--no-progress",
-              *[x for c in PHOTO_CATEGORIES for x in ("--category", c)]]
-    for name, extra in (("photo-full", []), ("photo-faint", ["--defect-contrast", str(CONTRAST)])):
-        subprocess.run([faint.DIFFAD, "data", "synth", "--root", str(PHOTO_FAMILIES[name]), *common, *extra],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
-    for category in PHOTO_CATEGORIES:
-        for split in ("train/good", "test/good"):
-            a = sorted((PHOTO_FAMILIES["photo-full"] / category / split).glob("*.png"))
-            b = sorted((PHOTO_FAMILIES["photo-faint"] / category / split).glob("*.png"))
-            if [p.name for p in a] != [p.name for p in b] or any(
-                    x.read_bytes() != y.read_bytes() for x, y in zip(a, b)):
-                raise SystemExit(f"{category}/{split}: the faint photo family's normal images differ")
+    faint.generate_pair(PHOTO_FAMILIES["photo-full"], PHOTO_FAMILIES["photo-faint"],
+                        ["--seed", "1", "--size", "256", "--n-train", "60", "--n-test-good", "24",
+                         "--n-test-per-defect", "8", *[x for c in PHOTO_CATEGORIES for x in ("--category", c)]],
+                        PHOTO_CATEGORIES)
 
 
 def _train_photo(category: str) -> float:
