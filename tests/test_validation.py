@@ -240,9 +240,11 @@ def test_fits_recorded_before_the_newer_scoring_settings_keep_their_keys(tmp_pat
     ``score.noise_draws`` existed recorded its fit under a key that hashes neither; at their
     old values they leave the key as it was (golden keys computed by the landed code of
     2026-12-02, commit ff1c7bb), set otherwise they change it."""
-    # The cpu preset of that day (alpha 0.5 then; round nine set 0.1, which the key hashes).
+    # The cpu preset of that day (alpha 0.5 then, round nine set 0.1; the top-4 image score then,
+    # round nineteen set top-64; the key hashes both).
     old = ["score.calibrate_maps=true", "score.feature_whitening=none", "score.noise_draws=1",
-           "score.alpha=0.5", "score.position_mean_sigma=null", "score.kl_scale=per_image"]
+           "score.alpha=0.5", "score.position_mean_sigma=null", "score.kl_scale=per_image",
+           "score.top_k=null"]
     assert validation._scoring_fit_path(tmp_path, load_config("cpu", overrides=old), "weave").name \
         == "weave-340ac03d6e3bf8f3.json"
     ours = load_config("cpu", overrides=[*old, "score.alpha_per_category=true"])
