@@ -90,7 +90,7 @@ def _render_moon(rng: np.random.Generator, size: int) -> Scene:
 
 
 def _foreign_moon(rng: np.random.Generator, size: int) -> np.ndarray:
-    # Moon surface at a fourth of the scale (larger craters: subtle) or gravel.
+    # Moon surface magnified about threefold (larger craters: subtle), or gravel.
     return _texture_view(rng, "moon" if rng.random() < 0.5 else "gravel", size, 0.15)
 
 
