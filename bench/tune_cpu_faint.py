@@ -15,6 +15,7 @@ the candidates only mix and read its two maps differently. Output: bench/tune_cp
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,12 @@ def _train(category: str, training: str = "feat256", extra: tuple[str, ...] = ()
                        env=dict(os.environ, DIFFAD_HOME=str(HOME)), stdout=fh,
                        stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - start
+
+
+def logged_training(training: str, category: str) -> dict:
+    """The summary line a training writes last in its log (its steps and seconds)."""
+    last = (HOME / "logs" / f"{training}.{category}.train.log").read_text().strip().splitlines()[-1]
+    return json.loads(last)
 
 
 def scored_families(category: str, alpha: float, timesteps: list[int] | None = None,

@@ -31,12 +31,6 @@ TRAININGS = {"grid32": ("unet.feature_stride=2",), "long": ("auto.time_budget_mi
 TIME_CAP = {"grid32": 1.15, "long": 1.3}  # the rule's, against base's training time
 
 
-def _logged(training: str, category: str) -> dict:
-    """The summary line a training writes last in its log (its steps and seconds)."""
-    last = (faint.HOME / "logs" / f"{training}.{category}.train.log").read_text().strip().splitlines()[-1]
-    return json.loads(last)
-
-
 def _rows(category: str) -> list[dict]:
     rows = []
     for name, (training, score) in CANDIDATES.items():
@@ -46,7 +40,7 @@ def _rows(category: str) -> list[dict]:
         score_s = time.perf_counter() - start
         cfg = json.loads((faint.HOME / "ck" / training / category / "config.json").read_text())
         grid = settings.feature_map_size or cfg["data"]["image_size"] // cfg["unet"]["feature_stride"]
-        logged = _logged(training, category)
+        logged = faint.logged_training(training, category)
         rows += [{"family": family, "category": category, "candidate": name,
                   **faint.record_metrics(recs), "grid": grid, "steps": logged["steps"],
                   "train_s": logged["seconds"], "score_s": score_s}

@@ -12,7 +12,6 @@ calibration. Output: bench/tune_cpu_holdout.txt.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -67,7 +66,7 @@ def _rows(job: tuple[str, str]) -> list[dict]:
     start = time.perf_counter()
     calibration = calibrate(ev.model, cfg, category)
     families = photo.PHOTO_FAMILIES if _kind(category) == "photo" else {f"synth-{k}": v for k, v in faint.FAMILIES.items()}
-    logged = json.loads((faint.HOME / "logs" / f"{training}.{category}.train.log").read_text().strip().splitlines()[-1])
+    logged = faint.logged_training(training, category)
     rows = []
     for family, root in families.items():
         prepared = prepare_split(cfg.with_changes({"data": {"root": str(root)}}), category, "test")
@@ -98,11 +97,7 @@ def main() -> int:
     df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
     means = df.groupby(["family", "candidate"]).mean3.mean()
 
-    families = ("photo-faint", "photo-full", "synth-faint", "synth-full")
-    base = {f: float(means[(f, "preset")]) for f in families}
-    got = {f: float(means[(f, "holdout20")]) for f in families}
-    adopted = (got["photo-faint"] > base["photo-faint"] + 0.005
-               and all(got[f] >= base[f] - 0.005 for f in families[1:]))
+    chosen, lines = photo.rule_step(means, ("preset",), [("holdout20",)], lambda c: c[0])
     cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
     out = [
         "round twenty (bench/tune_cpu_holdout_rule.md): score.validation_fraction=0.2 (holdout20, trained "
@@ -113,10 +108,7 @@ def main() -> int:
         "", "means over categories (train_s: from each training's own log):",
         df.groupby(["family", "candidate"])[cols + ["n_held_out", "steps", "train_s", "score_s"]]
           .mean().round(3).to_string(),
-        "", "rule:",
-        "  preset:    " + "  ".join(f"{f} {base[f]:.3f}" for f in families),
-        "  holdout20: " + "  ".join(f"{f} {got[f]:.3f}" for f in families) + ("  qualifies" if adopted else ""),
-        f"  -> {'holdout20' if adopted else 'preset'}",
+        "", "rule (baseline: the preset):", *lines, f"  -> {chosen[0]}",
         "", "per category:",
         df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
     ]

@@ -138,7 +138,7 @@ def _rows(category: str) -> list[dict]:
     return rows
 
 
-def _step(means: pd.Series, current: tuple, candidates: list[tuple], label) -> tuple[tuple, list[str]]:
+def rule_step(means: pd.Series, current: tuple, candidates: list[tuple], label) -> tuple[tuple, list[str]]:
     """The rule: M_photo_faint above the baseline's by more than 0.005, M_photo_full and both
     synthetic measures not more than 0.005 below; the qualifying one with the best M_photo_faint."""
     def value(family: str, setting: tuple) -> float:
@@ -185,11 +185,11 @@ def main() -> int:
     means = ens.groupby(keys).mean3.mean()
 
     preset_setting = (PRESET["alpha"], PRESET["top_k"], PRESET["sigma"], _position_label(PRESET["position"]))
-    step1, lines1 = _step(means, preset_setting, [(a, *preset_setting[1:]) for a in ALPHAS], _label)
+    step1, lines1 = rule_step(means, preset_setting, [(a, *preset_setting[1:]) for a in ALPHAS], _label)
     c2 = [(step1[0], k, b, step1[3]) for k in TOP_KS for b in BLURS if (k, b) != step1[1:3]]
-    step2, lines2 = _step(means, step1, c2, _label)
+    step2, lines2 = rule_step(means, step1, c2, _label)
     c3 = [(*step2[:3], _position_label(p)) for p in POSITIONS]
-    chosen, lines3 = _step(means, step2, c3, _label)
+    chosen, lines3 = rule_step(means, step2, c3, _label)
 
     cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
     def at(setting: tuple, frame: pd.DataFrame) -> pd.DataFrame:
