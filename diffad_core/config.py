@@ -270,6 +270,11 @@ class ScoreConfig(_Section):
     # not blurred), then the std of the term less that mean (ours,
     # bench/tune_cpu_position_rule.md); None: one mean per term, as calibrate_maps alone.
     position_mean_sigma: float | None = None
+    # Divide each term, once centred, by its std over the held-out normals' pixels at the same
+    # distance from the map's nearest edge, for the outermost rings up to this width in px at a
+    # 64 px map (scaled with the map's side), and by one std over the pixels further in (ours,
+    # bench/tune_cpu_edge_rule.md); None: one std per term over all pixels.
+    edge_spread_width: int | None = None
     # Forward-noise draws per scoring step: each image is noised K times at every t, the head's
     # prediction averaged over the draws before Eq. 11's feature residual and the KL map averaged
     # over them (ours, docs/method.md "Several noise draws"); 1: one draw, as the paper.
@@ -327,8 +332,14 @@ class ScoreConfig(_Section):
             raise ValueError(f"score.kl_scale={self.kl_scale} needs score.calibrate_maps=true: the "
                              "calibration on held-out normal images is what puts that KL term on "
                              "the feature term's scale")
+        if self.edge_spread_width is not None and not self.calibrate_maps:
+            raise ValueError(f"score.edge_spread_width={self.edge_spread_width} needs "
+                             "score.calibrate_maps=true: its spreads come from the held-out "
+                             "normal images the calibration uses")
         if self.position_mean_sigma is not None and self.position_mean_sigma < 0:
             raise ValueError("score.position_mean_sigma must be >= 0 or null")
+        if self.edge_spread_width is not None and self.edge_spread_width < 1:
+            raise ValueError("score.edge_spread_width must be >= 1 or null")
         return self
 
 

@@ -107,15 +107,17 @@ def fit_feature_whitening(residual: torch.Tensor, kind: Literal["diagonal", "ful
 
 
 @dataclass(frozen=True)
-class PositionMeans:
-    """Per-position means of the two terms of Eq. 11 on held-out normal images, (H, W) each at
-    the scored size (``score.position_mean_sigma``; ours, bench/tune_cpu_position_rule.md)."""
+class PositionMaps:
+    """A value per position of each of the two terms of Eq. 11, (H, W) each at the scored size,
+    from held-out normal images: their means (``score.position_mean_sigma``; ours,
+    bench/tune_cpu_position_rule.md) or their spreads (``score.edge_spread_width``; ours,
+    bench/tune_cpu_edge_rule.md)."""
 
     kl: torch.Tensor
     feature: torch.Tensor
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, PositionMeans) and torch.equal(self.kl, other.kl)
+        return (isinstance(other, PositionMaps) and torch.equal(self.kl, other.kl)
                 and torch.equal(self.feature, other.feature))
 
     __hash__ = None  # mutable tensors inside: not hashable
@@ -124,9 +126,16 @@ class PositionMeans:
         return {"kl": self.kl.tolist(), "feature": self.feature.tolist()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PositionMeans:
+    def from_dict(cls, data: dict[str, Any]) -> PositionMaps:
         return cls(kl=torch.tensor(data["kl"], dtype=torch.float32),
                    feature=torch.tensor(data["feature"], dtype=torch.float32))
+
+    def checked(self, what: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL, feature) for maps of spatial ``shape``; a clear error at another size."""
+        if tuple(self.kl.shape) != tuple(shape):
+            raise ValueError(f"the calibration's per-position {what} are {tuple(self.kl.shape)}, "
+                             f"the maps {tuple(shape)}: calibrate again at the scored size")
+        return self.kl, self.feature
 
 
 @dataclass(frozen=True)
@@ -136,7 +145,8 @@ class MapCalibration:
     so alpha weighs two maps of one scale on every dataset. ``whitening``: the weights of the
     feature residual (``score.feature_whitening``); the feature statistics are of the map it
     gives. ``position_means``: when set, each term's mean is taken per position (its std is
-    then that of the term less those means)."""
+    then that of the term less those means). ``position_spreads``: when set, each term is divided
+    by these per-position spreads instead of its one std."""
 
     kl_mean: float
     kl_std: float
@@ -144,31 +154,38 @@ class MapCalibration:
     feature_std: float
     n_images: int = 0
     whitening: FeatureWhitening | None = None
-    position_means: PositionMeans | None = None
+    position_means: PositionMaps | None = None
+    position_spreads: PositionMaps | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kl_mean": self.kl_mean, "kl_std": self.kl_std, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, "n_images": self.n_images,
                 "whitening": self.whitening.to_dict() if self.whitening else None,
-                "position_means": self.position_means.to_dict() if self.position_means else None}
+                "position_means": self.position_means.to_dict() if self.position_means else None,
+                "position_spreads": self.position_spreads.to_dict() if self.position_spreads else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MapCalibration:
         whitening, means = data.get("whitening"), data.get("position_means")
+        spreads = data.get("position_spreads")
         return cls(kl_mean=float(data["kl_mean"]), kl_std=float(data["kl_std"]),
                    feature_mean=float(data["feature_mean"]), feature_std=float(data["feature_std"]),
                    n_images=int(data.get("n_images", 0)),
                    whitening=FeatureWhitening.from_dict(whitening) if whitening else None,
-                   position_means=PositionMeans.from_dict(means) if means else None)
+                   position_means=PositionMaps.from_dict(means) if means else None,
+                   position_spreads=PositionMaps.from_dict(spreads) if spreads else None)
 
     def centres(self, shape: tuple[int, int]) -> tuple[float | torch.Tensor, float | torch.Tensor]:
         """The (KL, feature) means to subtract from maps of spatial ``shape``."""
         if self.position_means is None:
             return self.kl_mean, self.feature_mean
-        if tuple(self.position_means.kl.shape) != tuple(shape):
-            raise ValueError(f"the calibration's per-position means are {tuple(self.position_means.kl.shape)}, "
-                             f"the maps {tuple(shape)}: calibrate again at the scored size")
-        return self.position_means.kl, self.position_means.feature
+        return self.position_means.checked("means", shape)
+
+    def spreads(self, shape: tuple[int, int]) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """The (KL, feature) spreads to divide maps of spatial ``shape`` by, once centred."""
+        if self.position_spreads is None:
+            return self.kl_std, self.feature_std
+        return self.position_spreads.checked("spreads", shape)
 
 
 @dataclass
@@ -452,14 +469,16 @@ def feature_term(residual: torch.Tensor, whitening: FeatureWhitening | None,
 
 def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration | None = None) -> torch.Tensor:
     """Eq. 11: ``A = alpha * KL + (1 - alpha) * feature``, each term standardised by
-    ``calibration`` first when given."""
+    ``calibration`` first when given (centred, then divided by its spread)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     kl, feature = maps.kl, maps.feature
     if calibration is not None:
-        kl_centre, feature_centre = calibration.centres(tuple(kl.shape[-2:]))
-        kl = (kl - kl_centre) / calibration.kl_std
-        feature = (feature - feature_centre) / calibration.feature_std
+        shape = tuple(kl.shape[-2:])
+        kl_centre, feature_centre = calibration.centres(shape)
+        kl_spread, feature_spread = calibration.spreads(shape)
+        kl = (kl - kl_centre) / kl_spread
+        feature = (feature - feature_centre) / feature_spread
     return alpha * kl + (1.0 - alpha) * feature
 
 

@@ -36,7 +36,7 @@ from diffad_core.score import (
     ComponentMaps,
     FeatureWhitening,
     MapCalibration,
-    PositionMeans,
+    PositionMaps,
     anomaly_map,
     component_maps,
     feature_term,
@@ -45,6 +45,7 @@ from diffad_core.score import (
 
 ALPHA_SOURCE = "synthetic anomalies on held-out train/good"
 SCORING_FIT_FOLDER = "scoring"
+_MIN_SPREAD = 1e-12  # a spread of normal maps never divides by less
 
 
 class ValidationError(ValueError):
@@ -118,16 +119,33 @@ def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibr
     if kind != "none":
         whitening = fit_feature_whitening(maps.feature_residual, kind)
         feature = feature_term(maps.feature_residual, whitening, tuple(maps.feature.shape[-2:]))
-    sigma = cfg.score.position_mean_sigma
-    means = None if sigma is None else PositionMeans(kl=_position_mean(maps.kl, sigma),
-                                                     feature=_position_mean(feature, sigma))
-    kl_spread = maps.kl if means is None else maps.kl - means.kl
-    feature_spread = feature if means is None else feature - means.feature
+    sigma, width = cfg.score.position_mean_sigma, cfg.score.edge_spread_width
+    means = None if sigma is None else PositionMaps(kl=_position_mean(maps.kl, sigma),
+                                                    feature=_position_mean(feature, sigma))
+    kl_centred = maps.kl - (maps.kl.mean() if means is None else means.kl)
+    feature_centred = feature - (feature.mean() if means is None else means.feature)
+    spreads = None if width is None else PositionMaps(kl=_edge_spread(kl_centred, width),
+                                                      feature=_edge_spread(feature_centred, width))
     return MapCalibration(
-        kl_mean=float(maps.kl.mean()), kl_std=max(float(kl_spread.std()), 1e-12),
-        feature_mean=float(feature.mean()), feature_std=max(float(feature_spread.std()), 1e-12),
-        n_images=len(normal), whitening=whitening, position_means=means,
+        kl_mean=float(maps.kl.mean()), kl_std=max(float(kl_centred.std()), _MIN_SPREAD),
+        feature_mean=float(feature.mean()), feature_std=max(float(feature_centred.std()), _MIN_SPREAD),
+        n_images=len(normal), whitening=whitening, position_means=means, position_spreads=spreads,
     )
+
+
+def _edge_spread(centred: torch.Tensor, width: int) -> torch.Tensor:
+    """(H, W): the std over images and pixels of centred (N, H, W) maps at each distance d from
+    the nearest edge for d < ``width`` px at a 64 px map (scaled with the maps' side), and one
+    std over every pixel further in."""
+    h, w = centred.shape[-2:]
+    rings = max(1, int(round(width * w / 64)))
+    ys, xs = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
+    ring = torch.minimum(torch.minimum(ys, h - 1 - ys), torch.minimum(xs, w - 1 - xs)).clamp_max(rings)
+    spread = torch.empty(h, w)
+    for r in ring.unique().tolist():
+        at = ring == r
+        spread[at] = max(float(centred[:, at].std()), _MIN_SPREAD)
+    return spread
 
 
 def _position_mean(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -236,7 +254,8 @@ def needs_scoring_fit(cfg: DiffadConfig) -> bool:
 # made under: hashed only when set otherwise, so the fits of models trained and registered
 # before they existed keep their keys.
 _SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1, "image_score_center": "none",
-                                  "position_mean_sigma": None, "kl_scale": "per_image"}
+                                  "position_mean_sigma": None, "kl_scale": "per_image",
+                                  "edge_spread_width": None}
 
 
 def _scoring_fit_path(folder: Path, cfg: DiffadConfig, category: str) -> Path:

@@ -178,6 +178,16 @@ def test_feature_whitening_needs_the_calibration_and_is_an_evaluation_setting():
     assert plain.model_hash() == cfg.model_hash()
 
 
+def test_edge_spreads_need_the_calibration_and_are_an_evaluation_setting():
+    cfg = load_config("cpu")
+    assert cfg.score.edge_spread_width == 4 and load_config("paper").score.edge_spread_width is None
+    with pytest.raises(ConfigError, match="score.edge_spread_width=4 needs score.calibrate_maps=true"):
+        load_config("smoke", overrides=["score.edge_spread_width=4"])
+    with pytest.raises(ConfigError, match="edge_spread_width must be >= 1 or null"):
+        load_config("cpu", overrides=["score.edge_spread_width=0"])
+    assert load_config("cpu", overrides=["score.edge_spread_width=8"]).model_hash() == cfg.model_hash()
+
+
 def test_position_means_need_the_calibration_and_are_an_evaluation_setting():
     cfg = load_config("cpu")
     assert cfg.score.position_mean_sigma == 2.0 and load_config("paper").score.position_mean_sigma is None

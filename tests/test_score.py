@@ -19,7 +19,7 @@ from diffad_core.diffusion import diffusion_schedules
 from diffad_core.score import (
     ComponentMaps,
     MapCalibration,
-    PositionMeans,
+    PositionMaps,
     ScoreRecord,
     _normalise_per_image,
     anomaly_map,
@@ -296,7 +296,7 @@ def test_term_ablations_are_calibrated_as_eq_11_is() -> None:
     assert torch.equal(plain.ablation_maps["feature"], plain.components.feature)
     shape = tuple(plain.anomaly.shape[-2:])
     cal = MapCalibration(kl_mean=0.5, kl_std=2.0, feature_mean=0.1, feature_std=0.5,
-                         position_means=PositionMeans(kl=torch.linspace(0, 1, shape[0] * shape[1]).view(shape),
+                         position_means=PositionMaps(kl=torch.linspace(0, 1, shape[0] * shape[1]).view(shape),
                                                       feature=torch.full(shape, 0.25)))
     b = _batch(m, _images(2), 0.5, 0, calibration=cal)
     torch.testing.assert_close(b.ablation_maps["kl"], (b.components.kl - cal.position_means.kl) / 2.0)

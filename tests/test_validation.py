@@ -15,7 +15,7 @@ from diffad_core.data import PreparedSplit, split_train_validation
 from diffad_core.data.io import load_image, load_mask
 from diffad_core.data.synth.defects import paint_defects
 from diffad_core.overlay import to_uint8_image
-from diffad_core.score import ComponentMaps, anomaly_map, fit_feature_whitening
+from diffad_core.score import ComponentMaps, MapCalibration, anomaly_map, fit_feature_whitening
 from tests.test_score import _prepared, _smoke_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,6 +178,45 @@ def test_calibration_per_position_subtracts_the_normals_mean_at_each_pixel(train
         anomaly_map(ComponentMaps(kl=maps.kl[:, :16, :16], feature=maps.feature[:, :16, :16]), 0.5, cal)
 
 
+def test_edge_spreads_are_the_normals_std_per_distance_from_the_edge(train_only: list[str], tmp_path) -> None:
+    """score.edge_spread_width: each centred term divided by its std over the held-out normals
+    at each distance from the map's nearest edge inside the width (scaled from 64 px to the
+    32 px maps here: 4 -> 2 rings), by one std further in; recorded and read back."""
+    m, val_idx = _held_out_model(**{"score.validation_fraction": 0.3, "score.calibrate_maps": True,
+                                    "score.position_mean_sigma": 0, "score.edge_spread_width": 4})
+    cal = validation.calibrate(m, m.cfg, "weave")
+    maps = validation._maps_of(m, m.cfg, "weave", _prepared(10).images[val_idx])
+    centred = maps.kl - cal.position_means.kl
+    spreads = cal.position_spreads
+    assert spreads is not None and tuple(spreads.kl.shape) == (32, 32)
+    outer = torch.cat([centred[:, [0, -1], :].reshape(3, -1), centred[:, 1:-1, [0, -1]].reshape(3, -1)], dim=1)
+    ring1 = torch.cat([centred[:, [1, -2], 1:-1].reshape(3, -1), centred[:, 2:-2, [1, -2]].reshape(3, -1)], dim=1)
+    inside = centred[:, 2:-2, 2:-2]
+    assert float(spreads.kl[0, 5]) == pytest.approx(float(outer.std()), rel=1e-5)
+    assert float(spreads.kl[-1, -1]) == pytest.approx(float(outer.std()), rel=1e-5)
+    assert float(spreads.kl[1, 7]) == pytest.approx(float(ring1.std()), rel=1e-5)
+    assert float(spreads.kl[2, 2]) == pytest.approx(float(inside.std()), rel=1e-5)
+    assert torch.equal(spreads.kl[2:-2, 2:-2], torch.full((28, 28), float(spreads.kl[16, 16])))
+    assert float(spreads.kl[0, 0]) != pytest.approx(float(spreads.kl[16, 16]))
+    # The KL term alone: the normals' own maps have unit spread on every ring.
+    calibrated = anomaly_map(maps, 1.0, cal)
+    assert float(calibrated[:, [0, -1], :].std()) == pytest.approx(1.0, abs=0.02)
+    assert float(calibrated[:, 2:-2, 2:-2].std()) == pytest.approx(1.0, abs=0.02)
+    # The means and the one std per term are as without the option.
+    plain = validation.calibrate(m, m.cfg.with_changes({"score": {"edge_spread_width": None}}), "weave")
+    assert plain.position_spreads is None and plain.position_means == cal.position_means
+    assert plain.kl_std == pytest.approx(cal.kl_std)
+    m.folder = tmp_path
+    fit = validation.fit_scoring(m, m.cfg, "weave")
+    again = validation.recorded_scoring_fit(m, m.cfg, "weave")
+    assert again == fit and again.calibration.position_spreads == spreads
+    wider = m.cfg.with_changes({"score": {"edge_spread_width": 8}})
+    assert validation.recorded_scoring_fit(m, wider, "weave") is None  # another fit
+    with pytest.raises(ValueError, match=r"per-position spreads are \(32, 32\), the maps \(16, 16\)"):
+        anomaly_map(ComponentMaps(kl=maps.kl[:, :16, :16], feature=maps.feature[:, :16, :16]), 0.5,
+                    MapCalibration(kl_mean=0, kl_std=1, feature_mean=0, feature_std=1, position_spreads=spreads))
+
+
 def test_recorded_scoring_fit_keeps_the_whitening(train_only: list[str], tmp_path) -> None:
     m, _ = _held_out_model(**{"score.validation_fraction": 0.3, "score.calibrate_maps": True,
                               "score.feature_whitening": "diagonal"})
@@ -241,15 +280,16 @@ def test_fits_recorded_before_the_newer_scoring_settings_keep_their_keys(tmp_pat
     old values they leave the key as it was (golden keys computed by the landed code of
     2026-12-02, commit ff1c7bb), set otherwise they change it."""
     # The cpu preset of that day (alpha 0.5 then, round nine set 0.1; the top-4 image score then,
-    # round nineteen set top-64; the key hashes both).
+    # round nineteen set top-64; the key hashes both; one spread per term, round twenty-one set
+    # spreads per distance from the edge).
     old = ["score.calibrate_maps=true", "score.feature_whitening=none", "score.noise_draws=1",
            "score.alpha=0.5", "score.position_mean_sigma=null", "score.kl_scale=per_image",
-           "score.top_k=null"]
+           "score.top_k=null", "score.edge_spread_width=null"]
     assert validation._scoring_fit_path(tmp_path, load_config("cpu", overrides=old), "weave").name \
         == "weave-340ac03d6e3bf8f3.json"
     ours = load_config("cpu", overrides=[*old, "score.alpha_per_category=true"])
     assert validation._scoring_fit_path(tmp_path, ours, "weave").name == "weave-78379ec045ecfdc5.json"
     for change in ("score.feature_whitening=full", "score.noise_draws=4", "score.position_mean_sigma=2",
-                   "score.kl_scale=log_bits"):
+                   "score.kl_scale=log_bits", "score.edge_spread_width=4"):
         cfg = load_config("cpu", overrides=[*old, change])
         assert validation._scoring_fit_path(tmp_path, cfg, "weave").name != "weave-340ac03d6e3bf8f3.json"
