@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffad_core.diffusion.schedule import space_timesteps
 from diffad_core.presets import PRESETS
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -246,6 +247,10 @@ class TrainConfig(_Section):
     init_offline: bool = False  # never download: use $DIFFAD_HOME/weights/<file> as it is
     init_urls: list[str] | None = None  # mirrors for the named source (None: its own URL)
     feature_loss_weight: float = 1.0
+    # The largest original-chain step a training sample's timestep is drawn at, uniformly from 0
+    # (ours, bench/tune_cpu_tcap_rule.md): a short training spent only on the part of the chain
+    # that Eq. 11 and Algorithm 1 read. None: the whole chain (METHOD.md §2, the paper).
+    max_timestep: int | None = Field(default=None, ge=0)
     num_workers: int = 0
 
 
@@ -448,7 +453,23 @@ class DiffadConfig(_Section):
             if crop is not None:
                 raise ValueError("features.image_size and data.train_crop cannot be combined "
                                  "(a crop of the larger target is not defined)")
+        self._steps_within_training()
         return self
+
+    def _steps_within_training(self) -> None:
+        """With ``train.max_timestep``, every step the model is used at must have been trained."""
+        cap, d = self.train.max_timestep, self.diffusion
+        if cap is None:
+            return
+        if cap >= d.steps:
+            raise ValueError(f"train.max_timestep={cap} is outside the {d.steps}-step chain")
+        kept = space_timesteps(d.steps, d.respacing)
+        used = {f"diffusion.score_timesteps {i}": i for i in d.score_timesteps}
+        used[f"reconstruct.denoise_t {self.reconstruct.denoise_t}"] = self.reconstruct.denoise_t
+        for name, index in used.items():
+            if 0 <= index < len(kept) and kept[index] > cap:
+                raise ValueError(f"{name} is step {kept[index]} of the original chain, above "
+                                 f"train.max_timestep={cap}: the model was not trained there")
 
     @property
     def network_size(self) -> int:
@@ -484,6 +505,8 @@ class DiffadConfig(_Section):
         data["data"]["synth"].pop("defect_contrast")  # test defects only: the same training images
         if data["data"]["augment_dihedral"] == "none":  # added later: models trained before it keep their hash
             data["data"].pop("augment_dihedral")
+        if data["train"]["max_timestep"] is None:  # likewise
+            data["train"].pop("max_timestep")
         data.pop("preset")
         return data
 

@@ -264,6 +264,8 @@ def train_model(
     dtype = amp_dtype(device, cfg.train.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     train_schedule, _ = diffusion_schedule(cfg)
+    cap = cfg.train.max_timestep
+    t_end = train_schedule.num_timesteps if cap is None else cap + 1
     # Timesteps and noise come from a CPU generator: the same draws on every device.
     draw = torch.Generator().manual_seed(seed + 1)
     step = 0
@@ -323,8 +325,8 @@ def train_model(
             x0, target_input, labels = next(batches)
             x0 = x0.to(device=device, dtype=torch.float32, non_blocking=True)
             y = labels.to(device=device, dtype=torch.long, non_blocking=True) if cfg.unet.class_cond else None
-            # METHOD.md §2: timesteps uniform over the original chain.
-            t = torch.randint(0, train_schedule.num_timesteps, (x0.shape[0],), generator=draw)
+            # METHOD.md §2: timesteps uniform over the original chain (up to train.max_timestep).
+            t = torch.randint(0, t_end, (x0.shape[0],), generator=draw)
             noise = torch.randn(x0.shape, generator=draw).to(device, non_blocking=True)
             lr_now = opt.param_groups[0]["lr"]
             # F(x0) on the grid of the head's level (H/4, the paper), from x0 itself or from it

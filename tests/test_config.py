@@ -188,6 +188,22 @@ def test_edge_spreads_need_the_calibration_and_are_an_evaluation_setting():
     assert load_config("cpu", overrides=["score.edge_spread_width=8"]).model_hash() == cfg.model_hash()
 
 
+def test_training_timestep_cap_covers_every_step_the_model_is_used_at():
+    cfg = load_config("cpu")
+    assert cfg.train.max_timestep is None and load_config("paper").train.max_timestep is None
+    capped = load_config("cpu", overrides=["train.max_timestep=401"])  # Eq. 11's t = 100 is step 401
+    assert capped.model_hash() != cfg.model_hash()
+    # Added later: a model trained before the cap existed keeps its hash (golden, 2026-12-07).
+    assert load_config("smoke").model_hash() == "2a8eaf26939d7fba"
+    with pytest.raises(ConfigError, match=r"diffusion.score_timesteps 100 is step 401 of the original chain, "
+                                          r"above train.max_timestep=400"):
+        load_config("cpu", overrides=["train.max_timestep=400"])
+    with pytest.raises(ConfigError, match=r"reconstruct.denoise_t 8 is step 32 of the original chain"):
+        load_config("cpu", overrides=["train.max_timestep=30", "diffusion.score_timesteps=[5]"])
+    with pytest.raises(ConfigError, match="train.max_timestep=1000 is outside the 1000-step chain"):
+        load_config("cpu", overrides=["train.max_timestep=1000"])
+
+
 def test_position_means_need_the_calibration_and_are_an_evaluation_setting():
     cfg = load_config("cpu")
     assert cfg.score.position_mean_sigma == 2.0 and load_config("paper").score.position_mean_sigma is None

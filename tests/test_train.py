@@ -135,6 +135,26 @@ def test_training_records_the_transforms_its_images_allow(home: Path, tmp_path: 
     assert meta["dihedral_transforms"] == {"weave": expected}
 
 
+def test_training_draws_timesteps_up_to_the_cap(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # train.max_timestep: every sample's step uniform over 0..cap of the original chain; without
+    # it over the whole chain (the smoke preset's 1000 steps).
+    import diffad_core.train as train
+
+    drawn: list[int] = []
+
+    def recording(s, unet, x0, t, *args, **kwargs):  # noqa: ANN001, ANN202
+        drawn.extend(int(v) for v in t)
+        return training_losses(s, unet, x0, t, *args, **kwargs)
+
+    monkeypatch.setattr(train, "training_losses", recording)
+    train_model(_cfg("train.max_timestep=401", "train.iterations=40", "train.batch_size=4"), ["weave"],
+                tmp_path / "capped", progress=False)
+    assert len(drawn) == 160 and max(drawn) <= 401 and max(drawn) > 300 and min(drawn) < 100
+    drawn.clear()
+    train_model(_cfg("train.iterations=40", "train.batch_size=4"), ["weave"], tmp_path / "whole", progress=False)
+    assert max(drawn) > 401
+
+
 def test_golden_smoke_losses(smoke_run):
     # Seed 0, smoke preset: depends on the synthetic data, the rotation augmentation, the UNet
     # and feature-target inits and the loss maths. Update only for a deliberate change there.
