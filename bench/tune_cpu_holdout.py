@@ -12,72 +12,38 @@ calibration. Output: bench/tune_cpu_holdout.txt.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from itertools import product
-
-import pandas as pd
-import torch
 
 import tune_cpu_faint as faint  # beside this script: the synthetic families, training, metrics
 import tune_cpu_photo as photo  # the photo families and their models
 
 FRACTION = 0.2
 TOP_K = 64  # the preset's image score since round nineteen (checked in main())
-CATEGORIES = (*photo.PHOTO_CATEGORIES, *faint.CATEGORIES)
 # candidate -> training folder per family kind
 TRAININGS = {"preset": {"photo": "photo", "synth": "long"}, "holdout20": {"photo": "holdout20", "synth": "holdout20"}}
 
 
-def _kind(category: str) -> str:
-    return "photo" if category in photo.PHOTO_CATEGORIES else "synth"
-
-
 def _train(category: str) -> float:
-    extra = ("auto.time_budget_minutes=30", f"score.validation_fraction={FRACTION}")
-    if _kind(category) == "photo":
-        extra = (f"data.root={photo.PHOTO_FAMILIES['photo-full']}", *extra)
-    return faint._train(category, TRAININGS["holdout20"][_kind(category)], extra)
+    return photo.train_candidate(category, TRAININGS["holdout20"][photo.family_kind(category)],
+                                 (f"score.validation_fraction={FRACTION}",))
 
 
 def _rows(job: tuple[str, str]) -> list[dict]:
     from diffad_core.config import load_config
-    from diffad_core.data import prepare_split
-    from diffad_core.score import score_split
-    from diffad_core.usecases import load_for_evaluation
-    from diffad_core.validation import calibrate
 
     candidate, category = job
-    os.environ["DIFFAD_HOME"] = str(faint.HOME)
-    torch.set_num_threads(1)
-    training = TRAININGS[candidate][_kind(category)]
-    folder = faint.HOME / "ck" / training / category
-    ev = load_for_evaluation(folder)
     preset = load_config("cpu").score
-    settings = ev.cfg.score.model_copy(update={"top_k": TOP_K})
     scoring_keys = ("alpha", "calibrate_maps", "feature_whitening", "noise_draws", "position_mean_sigma",
                     "top_k", "image_score_sigma")
-    assert all(getattr(settings, k) == getattr(preset, k) for k in scoring_keys), f"{job}: not the preset's scoring"
-    fraction = settings.validation_fraction
-    assert fraction == (FRACTION if candidate == "holdout20" else 0.1), f"{job}: validation_fraction {fraction}"
-    cfg = ev.cfg.model_copy(update={"score": settings})
-    start = time.perf_counter()
-    calibration = calibrate(ev.model, cfg, category)
-    families = photo.PHOTO_FAMILIES if _kind(category) == "photo" else {f"synth-{k}": v for k, v in faint.FAMILIES.items()}
-    logged = faint.logged_training(training, category)
-    rows = []
-    for family, root in families.items():
-        prepared = prepare_split(cfg.with_changes({"data": {"root": str(root)}}), category, "test")
-        records = list(score_split(ev.model, prepared, settings, alpha=settings.alpha, calibration=calibration,
-                                   seed=cfg.seed, progress=False))
-        rows.append({"family": family, "category": category, "candidate": candidate,
-                     **faint.record_metrics(records), "n_held_out": calibration.n_images,
-                     "steps": logged["steps"], "train_s": logged["seconds"]})
-    for row in rows:
-        row["score_s"] = time.perf_counter() - start
-    return rows
+
+    def check(ev, settings) -> None:
+        assert all(getattr(settings, k) == getattr(preset, k) for k in scoring_keys), f"{job}: not the preset's scoring"
+        fraction = settings.validation_fraction
+        assert fraction == (FRACTION if candidate == "holdout20" else 0.1), f"{job}: validation_fraction {fraction}"
+
+    return photo.candidate_rows(category, TRAININGS[candidate][photo.family_kind(category)], candidate,
+                                {"top_k": TOP_K}, check)
 
 
 def main() -> int:
@@ -87,14 +53,7 @@ def main() -> int:
     assert preset.score.top_k == TOP_K and preset.score.validation_fraction == 0.1, "the cpu preset moved"
     assert preset.auto.time_budget_minutes == 30.0
     t0 = time.perf_counter()
-    photo._generate_photo()
-    faint._generate()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        train_s = dict(zip(CATEGORIES, pool.map(_train, CATEGORIES)))
-    print(f"trained ({time.perf_counter() - t0:.0f} s): {train_s}", flush=True)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        df = pd.DataFrame([r for part in pool.map(_rows, product(TRAININGS, CATEGORIES)) for r in part])
-    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    train_s, df = photo.trained_and_scored(_train, _rows, tuple(TRAININGS))
     means = df.groupby(["family", "candidate"]).mean3.mean()
 
     chosen, lines = photo.rule_step(means, ("preset",), [("holdout20",)], lambda c: c[0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,9 +44,75 @@ def _generate_photo() -> None:
                         PHOTO_CATEGORIES)
 
 
+def family_kind(category: str) -> str:
+    """"photo" for a photo tuning category, "synth" for a synthetic one."""
+    return "photo" if category in PHOTO_CATEGORIES else "synth"
+
+
+def train_candidate(category: str, training: str, extra: tuple[str, ...] = ()) -> float:
+    """The `cpu` preset trained on the category's tuning family (its full draw) with the
+    30-minute budget and the ``--set`` overrides ``extra``, into `$TUNE_HOME/ck/<training>`
+    unless it is there: the seconds it took (``tune_cpu_faint._train``)."""
+    extra = ("auto.time_budget_minutes=30", *extra)
+    if family_kind(category) == "photo":
+        extra = (f"data.root={PHOTO_FAMILIES['photo-full']}", *extra)
+    return faint._train(category, training, extra)
+
+
 def _train_photo(category: str) -> float:
-    return faint._train(category, TRAINING["photo"], (f"data.root={PHOTO_FAMILIES['photo-full']}",
-                                                      "auto.time_budget_minutes=30"))
+    return train_candidate(category, TRAINING["photo"])
+
+
+def candidate_rows(category: str, training: str, candidate: str, settings_update: dict,
+                   check: Callable[[object, object], None]) -> list[dict]:
+    """One model (`$TUNE_HOME/ck/<training>`) with its score settings updated by
+    ``settings_update`` and checked by ``check(evaluation, settings)``, calibrated on its own
+    held-out normals, scores its family's two draws once: one row of metrics per draw."""
+    from diffad_core.data import prepare_split
+    from diffad_core.score import score_split
+    from diffad_core.usecases import load_for_evaluation
+    from diffad_core.validation import calibrate
+
+    os.environ["DIFFAD_HOME"] = str(HOME)
+    torch.set_num_threads(1)
+    ev = load_for_evaluation(HOME / "ck" / training / category)
+    settings = ev.cfg.score.model_copy(update=settings_update)
+    check(ev, settings)
+    cfg = ev.cfg.model_copy(update={"score": settings})
+    start = time.perf_counter()
+    calibration = calibrate(ev.model, cfg, category)
+    families = PHOTO_FAMILIES if family_kind(category) == "photo" else {f"synth-{k}": v for k, v in faint.FAMILIES.items()}
+    logged = faint.logged_training(training, category)
+    rows = []
+    for family, root in families.items():
+        prepared = prepare_split(cfg.with_changes({"data": {"root": str(root)}}), category, "test")
+        records = list(score_split(ev.model, prepared, settings, alpha=settings.alpha, calibration=calibration,
+                                   seed=cfg.seed, progress=False))
+        rows.append({"family": family, "category": category, "candidate": candidate,
+                     **faint.record_metrics(records), "n_held_out": calibration.n_images,
+                     "steps": logged["steps"], "train_s": logged["seconds"]})
+    for row in rows:
+        row["score_s"] = time.perf_counter() - start
+    return rows
+
+
+def trained_and_scored(train: Callable[[str], float], rows: Callable[[tuple[str, str]], list[dict]],
+                       candidates: tuple[str, ...]) -> tuple[dict[str, float], pd.DataFrame]:
+    """A retraining round on both tuning families: both generated, ``train(category)`` for every
+    category, then ``rows((candidate, category))`` for every pair, two jobs at a time: (training
+    seconds per category, the rows as one frame with ``mean3``)."""
+    categories = (*PHOTO_CATEGORIES, *faint.CATEGORIES)
+    t0 = time.perf_counter()
+    _generate_photo()
+    faint._generate()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        train_s = dict(zip(categories, pool.map(train, categories)))
+    print(f"trained ({time.perf_counter() - t0:.0f} s): {train_s}", flush=True)
+    jobs = [(c, category) for c in candidates for category in categories]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        df = pd.DataFrame([r for part in pool.map(rows, jobs) for r in part])
+    df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
+    return train_s, df
 
 
 def _scored(category: str):
