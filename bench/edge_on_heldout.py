@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     jobs = []
     for pair in pairs:
         home, root = pair.split(":")
-        (run,) = sorted((Path(home) / "results").iterdir())
+        (run,) = [p for p in (Path(home) / "results").iterdir() if (p / "run.json").is_file()]
         jobs += [(run, root, category) for category in list_categories_in_run(run)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         df = pd.DataFrame([r for part in pool.map(_rows, jobs) for r in part])
