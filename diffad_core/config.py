@@ -19,7 +19,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from diffad_core.diffusion.schedule import space_timesteps
 from diffad_core.presets import PRESETS
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -463,6 +462,10 @@ class DiffadConfig(_Section):
             return
         if cap >= d.steps:
             raise ValueError(f"train.max_timestep={cap} is outside the {d.steps}-step chain")
+        # Imported here, only when the cap is set: loading a config must not import torch, which
+        # the diffusion package does (the CLI's light commands; tests/test_commands.py).
+        from diffad_core.diffusion.schedule import space_timesteps
+
         kept = space_timesteps(d.steps, d.respacing)
         used = {f"diffusion.score_timesteps {i}": i for i in d.score_timesteps}
         used[f"reconstruct.denoise_t {self.reconstruct.denoise_t}"] = self.reconstruct.denoise_t
