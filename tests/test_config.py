@@ -108,8 +108,9 @@ def test_models_trained_before_augment_dihedral_keep_their_hash():
     # (commit 33a01bd): at "none" the key is left out of the model definition.
     golden = {"paper": "efdf05547f2858a4", "cpu": "a515b98b75a9940f", "smoke": "2a8eaf26939d7fba",
               "cpu-demo": "9799c20e47fdcf4a"}
-    # The cpu preset's budget then was 25 minutes (30 since round eighteen, a new model).
-    then = {"cpu": ["auto.time_budget_minutes=25"]}
+    # The cpu preset's budget then was 25 minutes (30 since round eighteen, a new model), and it
+    # trained over the whole chain (train.max_timestep, round twenty-two: also left out when null).
+    then = {"cpu": ["auto.time_budget_minutes=25", "train.max_timestep=null"]}
     for preset, digest in golden.items():
         overrides = ["data.augment_dihedral=none", *then.get(preset, [])]
         assert load_config(preset, overrides=overrides).model_hash() == digest, preset
@@ -190,11 +191,9 @@ def test_edge_spreads_need_the_calibration_and_are_an_evaluation_setting():
 
 def test_training_timestep_cap_covers_every_step_the_model_is_used_at():
     cfg = load_config("cpu")
-    assert cfg.train.max_timestep is None and load_config("paper").train.max_timestep is None
-    capped = load_config("cpu", overrides=["train.max_timestep=401"])  # Eq. 11's t = 100 is step 401
-    assert capped.model_hash() != cfg.model_hash()
-    # Added later: a model trained before the cap existed keeps its hash (golden, 2026-12-07).
-    assert load_config("smoke").model_hash() == "2a8eaf26939d7fba"
+    assert cfg.train.max_timestep == 401 and load_config("paper").train.max_timestep is None
+    whole = load_config("cpu", overrides=["train.max_timestep=null"])  # Eq. 11's t = 100 is step 401
+    assert whole.model_hash() != cfg.model_hash()
     with pytest.raises(ConfigError, match=r"diffusion.score_timesteps 100 is step 401 of the original chain, "
                                           r"above train.max_timestep=400"):
         load_config("cpu", overrides=["train.max_timestep=400"])
