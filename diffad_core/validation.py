@@ -110,7 +110,9 @@ def _maps_of(model: DiffadModel, cfg: DiffadConfig, category: str, images: np.nd
 def calibrate(model: DiffadModel, cfg: DiffadConfig, category: str) -> MapCalibration:
     """Mean and std of each Eq. 11 term over every pixel of the held-out normal images; with
     ``score.feature_whitening``, first the residual's weights from the same images and maps
-    (the feature statistics are then those of the weighted term)."""
+    (the feature statistics are then those of the weighted term); per-position means with
+    ``score.position_mean_sigma``, spreads per distance from the edge with
+    ``score.edge_spread_width``."""
     normal = held_out_normals(model, cfg, category)
     kind = cfg.score.feature_whitening
     maps = _maps_of(model, cfg, category, normal.images, normal.feature_images,
