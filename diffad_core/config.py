@@ -279,6 +279,10 @@ class ScoreConfig(_Section):
     # 64 px map (scaled with the map's side), and by one std over the pixels further in (ours,
     # bench/tune_cpu_edge_rule.md); None: one std per term over all pixels.
     edge_spread_width: int | None = None
+    # Read these terms of Eq. 11 on both sides once calibrated: |z| instead of z, so a place
+    # the networks miss far *less* than on normal images (texture smoothed away) scores high
+    # too (ours, bench/tune_cpu_twosided_rule.md); empty: the upper side only, as the paper.
+    two_sided_terms: list[Literal["kl", "feature"]] = Field(default_factory=list)
     # Forward-noise draws per scoring step: each image is noised K times at every t, the head's
     # prediction averaged over the draws before Eq. 11's feature residual and the KL map averaged
     # over them (ours, docs/method.md "Several noise draws"); 1: one draw, as the paper.
@@ -340,6 +344,12 @@ class ScoreConfig(_Section):
             raise ValueError(f"score.edge_spread_width={self.edge_spread_width} needs "
                              "score.calibrate_maps=true: its spreads come from the held-out "
                              "normal images the calibration uses")
+        if self.two_sided_terms and not self.calibrate_maps:
+            raise ValueError(f"score.two_sided_terms={self.two_sided_terms} needs "
+                             "score.calibrate_maps=true: a term is read on both sides of its "
+                             "mean on the held-out normal images the calibration uses")
+        if len(set(self.two_sided_terms)) != len(self.two_sided_terms):
+            raise ValueError(f"score.two_sided_terms={self.two_sided_terms} names a term twice")
         if self.position_mean_sigma is not None and self.position_mean_sigma < 0:
             raise ValueError("score.position_mean_sigma must be >= 0 or null")
         if self.edge_spread_width is not None and self.edge_spread_width < 1:

@@ -26,7 +26,7 @@ the top-k pixels of A (optionally blurred first).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -467,11 +467,17 @@ def feature_term(residual: torch.Tensor, whitening: FeatureWhitening | None,
     return err[:, 0].view(n_t, b, *size).mean(dim=0)
 
 
-def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration | None = None) -> torch.Tensor:
+def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration | None = None,
+                two_sided: Collection[str] = ()) -> torch.Tensor:
     """Eq. 11: ``A = alpha * KL + (1 - alpha) * feature``, each term standardised by
-    ``calibration`` first when given (centred, then divided by its spread)."""
+    ``calibration`` first when given (centred, then divided by its spread); the terms named in
+    ``two_sided`` ("kl", "feature"; ``score.two_sided_terms``) are then read as their absolute
+    value (ours, bench/tune_cpu_twosided_rule.md)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if two_sided and calibration is None:
+        raise ValueError("a two-sided reading of Eq. 11's terms needs a calibration: the side is "
+                         "taken from the held-out normal images' level")
     kl, feature = maps.kl, maps.feature
     if calibration is not None:
         shape = tuple(kl.shape[-2:])
@@ -479,6 +485,8 @@ def anomaly_map(maps: ComponentMaps, alpha: float, calibration: MapCalibration |
         kl_spread, feature_spread = calibration.spreads(shape)
         kl = (kl - kl_centre) / kl_spread
         feature = (feature - feature_centre) / feature_spread
+        kl = kl.abs() if "kl" in two_sided else kl
+        feature = feature.abs() if "feature" in two_sided else feature
     return alpha * kl + (1.0 - alpha) * feature
 
 
@@ -511,7 +519,8 @@ def score_batch(
     maps = component_maps(model, images, category, settings, noise=noise,
                           with_rgb="rgb" in settings.ablations, feature_images=feature_images,
                           whitening=whitening)
-    anomaly = anomaly_map(maps, alpha, calibration)
+    two_sided = settings.two_sided_terms
+    anomaly = anomaly_map(maps, alpha, calibration, two_sided)
     ablations: dict[str, torch.Tensor] = {}
     for name in settings.ablations:
         if name == "padim":
@@ -522,9 +531,9 @@ def score_batch(
             variant = settings.model_copy(update=_VARIANTS[name])
             ablations[name] = anomaly_map(component_maps(model, images, category, variant, noise=noise,
                                                          feature_images=feature_images, whitening=whitening),
-                                          alpha, calibration)
-        else:  # one term of Eq. 11 alone, calibrated as Eq. 11 calibrates it (alpha 1 or 0)
-            ablations[name] = anomaly_map(maps, 1.0 if name == "kl" else 0.0, calibration)
+                                          alpha, calibration, two_sided)
+        else:  # one term of Eq. 11 alone, calibrated and read as Eq. 11 reads it (alpha 1 or 0)
+            ablations[name] = anomaly_map(maps, 1.0 if name == "kl" else 0.0, calibration, two_sided)
     return ScoredBatch(anomaly=anomaly, image_score=image_scores(anomaly, settings),
                        components=maps, ablation_maps=ablations)
 

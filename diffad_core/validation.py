@@ -215,7 +215,7 @@ def choose_alpha(model: DiffadModel, cfg: DiffadConfig, category: str,
     auroc: dict[float, float] = {}
     best_alpha, best_key = grid[0], (-math.inf, -math.inf, -math.inf)
     for a in grid:
-        a_map = anomaly_map(maps, a, calibration).numpy().astype(np.float32)
+        a_map = anomaly_map(maps, a, calibration, cfg.score.two_sided_terms).numpy().astype(np.float32)
         pro[a] = float(pro_score(a_map, masks, fpr_limit=cfg.metrics.pro_fpr_limit))
         auroc[a] = float(pixel_auroc(a_map, masks))
         key = (pro[a], auroc[a], -abs(a - 0.5))
@@ -257,7 +257,7 @@ def needs_scoring_fit(cfg: DiffadConfig) -> bool:
 # before they existed keep their keys.
 _SETTINGS_AFTER_THE_FIRST_FITS = {"feature_whitening": "none", "noise_draws": 1, "image_score_center": "none",
                                   "position_mean_sigma": None, "kl_scale": "per_image",
-                                  "edge_spread_width": None}
+                                  "edge_spread_width": None, "two_sided_terms": []}
 
 
 def _scoring_fit_path(folder: Path, cfg: DiffadConfig, category: str) -> Path:

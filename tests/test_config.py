@@ -189,6 +189,19 @@ def test_edge_spreads_need_the_calibration_and_are_an_evaluation_setting():
     assert load_config("cpu", overrides=["score.edge_spread_width=8"]).model_hash() == cfg.model_hash()
 
 
+def test_two_sided_terms_need_the_calibration_and_are_an_evaluation_setting():
+    cfg = load_config("cpu")
+    assert load_config("paper").score.two_sided_terms == []
+    with pytest.raises(ConfigError, match=r"score.two_sided_terms=\['feature'\] needs score.calibrate_maps=true"):
+        load_config("smoke", overrides=["score.two_sided_terms=[feature]"])
+    with pytest.raises(ConfigError, match="names a term twice"):
+        load_config("cpu", overrides=["score.two_sided_terms=[kl,kl]"])
+    with pytest.raises(ConfigError, match="two_sided_terms"):
+        load_config("cpu", overrides=["score.two_sided_terms=[rgb]"])
+    both = load_config("cpu", overrides=["score.two_sided_terms=[kl,feature]"])
+    assert both.score.two_sided_terms == ["kl", "feature"] and both.model_hash() == cfg.model_hash()
+
+
 def test_training_timestep_cap_covers_every_step_the_model_is_used_at():
     cfg = load_config("cpu")
     assert cfg.train.max_timestep == 401 and load_config("paper").train.max_timestep is None

@@ -167,6 +167,32 @@ def test_calibration_standardises_each_term() -> None:
     assert torch.equal(anomaly_map(maps, 1.0), maps.kl)
 
 
+def test_two_sided_reading_takes_the_calibrated_terms_absolute_value() -> None:
+    # score.two_sided_terms (bench/tune_cpu_twosided_rule.md): a term far below the normals'
+    # level (z = -2) scores as high as one far above it (z = +2); the other term keeps its sign.
+    maps = ComponentMaps(kl=torch.tensor([[[-3.0, 5.0]]]), feature=torch.tensor([[[-2.0, 10.0]]]))
+    cal = MapCalibration(kl_mean=1.0, kl_std=2.0, feature_mean=4.0, feature_std=3.0)
+    z_kl, z_feature = torch.tensor([[[-2.0, 2.0]]]), torch.tensor([[[-2.0, 2.0]]])
+    assert torch.allclose(anomaly_map(maps, 0.0, cal), z_feature)
+    assert torch.allclose(anomaly_map(maps, 0.0, cal, ["feature"]), z_feature.abs())
+    assert torch.allclose(anomaly_map(maps, 0.5, cal, ["feature"]), 0.5 * z_kl + 0.5 * z_feature.abs())
+    assert torch.allclose(anomaly_map(maps, 0.5, cal, ["kl", "feature"]), torch.full((1, 1, 2), 2.0))
+    with pytest.raises(ValueError, match="needs a calibration"):
+        anomaly_map(maps, 0.5, None, ["feature"])
+
+
+def test_scoring_reads_eq11_and_its_term_ablations_two_sided_as_configured(model: _Model) -> None:
+    settings = model.cfg.score.model_copy(update={"calibrate_maps": True, "two_sided_terms": ["feature"],
+                                                  "ablations": ["kl", "feature"]})
+    cal = MapCalibration(kl_mean=0.0, kl_std=1.0, feature_mean=1e3, feature_std=1.0)  # every z < 0
+    out = score_batch(model, _images(), "weave", settings, alpha=0.5, calibration=cal,
+                      generator=torch.Generator().manual_seed(0))
+    maps = out.components
+    assert torch.allclose(out.anomaly, 0.5 * maps.kl + 0.5 * (1e3 - maps.feature))
+    assert torch.allclose(out.ablation_maps["feature"], 1e3 - maps.feature)
+    assert torch.allclose(out.ablation_maps["kl"], maps.kl)
+
+
 def test_image_score_blur_option() -> None:
     amap = torch.zeros(1, 16, 16)
     amap[0, 8, 8] = 10.0

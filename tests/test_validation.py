@@ -290,6 +290,6 @@ def test_fits_recorded_before_the_newer_scoring_settings_keep_their_keys(tmp_pat
     ours = load_config("cpu", overrides=[*old, "score.alpha_per_category=true"])
     assert validation._scoring_fit_path(tmp_path, ours, "weave").name == "weave-78379ec045ecfdc5.json"
     for change in ("score.feature_whitening=full", "score.noise_draws=4", "score.position_mean_sigma=2",
-                   "score.kl_scale=log_bits", "score.edge_spread_width=4"):
+                   "score.kl_scale=log_bits", "score.edge_spread_width=4", "score.two_sided_terms=[feature]"):
         cfg = load_config("cpu", overrides=[*old, change])
         assert validation._scoring_fit_path(tmp_path, cfg, "weave").name != "weave-340ac03d6e3bf8f3.json"

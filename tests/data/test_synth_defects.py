@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from diffad_core.data.synth import scenes
 from diffad_core.data.synth.defects import (
@@ -60,8 +61,8 @@ def test_every_kind_on_any_size(kind: str, shape: tuple[int, int]) -> None:
     textured = np.ascontiguousarray(_batch(3, max(shape))[:, :, :shape[0], :shape[1]])
     _check(textured, *paint_defects(textured, seed=5, kinds=(kind,)))
     flat = np.full((2, 3) + shape, 0.2, np.float32)
-    if kind == "bend":  # nothing to deform on a uniform image
-        with pytest.raises(RuntimeError, match="could not paint a 'bend' defect"):
+    if kind in ("bend", "blur"):  # nothing to deform or smooth on a uniform image
+        with pytest.raises(RuntimeError, match=f"could not paint a '{kind}' defect"):
             paint_defects(flat, seed=5, kinds=(kind,))
     else:  # every other kind changes even a uniform image
         _check(flat, *paint_defects(flat, seed=5, kinds=(kind,)))
@@ -97,3 +98,14 @@ def test_bad_arguments_are_rejected() -> None:
         paint_defects(images, seed=0, kinds=())
     with pytest.raises(ValueError, match="seed"):
         paint_defects(images, seed=-1)
+
+
+def test_blur_smooths_the_texture_it_covers() -> None:
+    # The smoothing painter (bench/tune_cpu_twosided_rule.md): inside its masks the fine detail
+    # is gone (neighbouring pixels differ far less than before).
+    images = _batch(6, 64, "gravel")
+    out, masks = paint_defects(images, seed=4, kinds=("blur",))
+    _check(images, out, masks)
+    pairs = masks[..., 1:].astype(bool) & masks[..., :-1].astype(bool)  # horizontal neighbours inside
+    detail_before, detail_after = (np.abs(np.diff(x, axis=-1)).max(axis=1)[pairs].mean() for x in (images, out))
+    assert pairs.sum() >= 50 and detail_after < 0.7 * detail_before

@@ -1,4 +1,4 @@
-"""The defect painters (scratch, hole, cut, stain, patch, bend), on synthetic scenes or any image.
+"""The defect painters (scratch, hole, cut, stain, patch, bend, blur), on synthetic scenes or any image.
 
 A painter takes a clean ``Scene`` and returns (painted image, region). Defects are placed
 inside ``scene.fg`` (the object; the whole image for textures and arbitrary images).
@@ -20,7 +20,7 @@ Painter = Callable[[Scene, np.random.Generator, float, Callable[[], np.ndarray]]
                    tuple[np.ndarray, np.ndarray]]
 
 # Defects that make sense on any image ("cut" needs an object outline).
-ANY_IMAGE_DEFECTS: tuple[str, ...] = ("patch", "stain", "scratch", "hole", "bend")
+ANY_IMAGE_DEFECTS: tuple[str, ...] = ("patch", "stain", "scratch", "hole", "bend", "blur")
 MAX_TRIES = 50  # draws before giving up on placing a defect
 
 
@@ -209,6 +209,24 @@ def _defect_bend(scene: Scene, rng: np.random.Generator, severity: float,
     return np.where(region[..., None], warped, scene.image).astype(np.float32), region
 
 
+def _defect_blur(scene: Scene, rng: np.random.Generator, severity: float,
+                 _foreign: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Texture smoothed away (a smear, a worn or polished spot): an irregular region replaced by
+    a Gaussian blur of the image, sigma 1-3 px at 64 px by severity (bench/tune_cpu_twosided_rule.md)."""
+    shape = scene.image.shape[:2]
+    size = min(shape)
+    max_frac = 0.10 if _is_object(scene) else 0.16
+    centre, radius = _centre_and_radius(scene, rng, max_frac)
+    sigma = max(1.0, (1.0 + 2.0 * severity) * size / 64)
+    blurred = ndimage.gaussian_filter(scene.image, sigma=(sigma, sigma, 0), mode="reflect")
+    inside = (_blob(rng, shape, centre, radius) > 0) & scene.fg
+    # The mask is the visibly changed region, closed and filled, as the bend's.
+    changed = (np.abs(blurred - scene.image).max(axis=-1) > 0.03) & inside
+    close = max(1, round(size / 128))
+    region = ndimage.binary_fill_holes(ndimage.binary_closing(changed, iterations=close)) & inside
+    return np.where(region[..., None], blurred, scene.image).astype(np.float32), region
+
+
 PAINTERS: dict[str, Painter] = {
     "scratch": _defect_scratch,
     "hole": _defect_hole,
@@ -216,6 +234,7 @@ PAINTERS: dict[str, Painter] = {
     "stain": _defect_stain,
     "patch": _defect_patch,
     "bend": _defect_bend,
+    "blur": _defect_blur,
 }
 
 
