@@ -250,6 +250,10 @@ class TrainConfig(_Section):
     # (ours, bench/tune_cpu_tcap_rule.md): a short training spent only on the part of the chain
     # that Eq. 11 and Algorithm 1 read. None: the whole chain (METHOD.md §2, the paper).
     max_timestep: int | None = Field(default=None, ge=0)
+    # The fraction of training samples whose timestep is one of the original-chain steps of
+    # diffusion.score_timesteps (evenly among them), the rest drawn as above (ours,
+    # bench/tune_cpu_scoredsteps_rule.md). 0: every sample drawn as above (METHOD.md §2).
+    scored_step_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     num_workers: int = 0
 
 
@@ -520,6 +524,8 @@ class DiffadConfig(_Section):
             data["data"].pop("augment_dihedral")
         if data["train"]["max_timestep"] is None:  # likewise
             data["train"].pop("max_timestep")
+        if data["train"]["scored_step_fraction"] == 0.0:  # likewise
+            data["train"].pop("scored_step_fraction")
         data.pop("preset")
         return data
 

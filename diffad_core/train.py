@@ -263,9 +263,10 @@ def train_model(
         opt, start_factor=1.0, end_factor=0.0 if cfg.train.lr_anneal else 1.0, total_iters=total)
     dtype = amp_dtype(device, cfg.train.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    train_schedule, _ = diffusion_schedule(cfg)
+    train_schedule, scoring_schedule = diffusion_schedule(cfg)
     cap = cfg.train.max_timestep
     t_end = train_schedule.num_timesteps if cap is None else cap + 1
+    scored_steps = scoring_schedule.timestep_map[cfg.diffusion.score_timesteps]  # Eq. 11's, original chain
     # Timesteps and noise come from a CPU generator: the same draws on every device.
     draw = torch.Generator().manual_seed(seed + 1)
     step = 0
@@ -325,8 +326,13 @@ def train_model(
             x0, target_input, labels = next(batches)
             x0 = x0.to(device=device, dtype=torch.float32, non_blocking=True)
             y = labels.to(device=device, dtype=torch.long, non_blocking=True) if cfg.unet.class_cond else None
-            # METHOD.md §2: timesteps uniform over the original chain (up to train.max_timestep).
+            # METHOD.md §2: timesteps uniform over the original chain (up to train.max_timestep);
+            # with train.scored_step_fraction, that share at Eq. 11's steps instead (ours).
             t = torch.randint(0, t_end, (x0.shape[0],), generator=draw)
+            if cfg.train.scored_step_fraction > 0:
+                at_scored = torch.rand(t.shape, generator=draw) < cfg.train.scored_step_fraction
+                which = torch.randint(0, len(scored_steps), t.shape, generator=draw)
+                t = torch.where(at_scored, scored_steps[which], t)
             noise = torch.randn(x0.shape, generator=draw).to(device, non_blocking=True)
             lr_now = opt.param_groups[0]["lr"]
             # F(x0) on the grid of the head's level (H/4, the paper), from x0 itself or from it

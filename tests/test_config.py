@@ -202,6 +202,16 @@ def test_two_sided_terms_need_the_calibration_and_are_an_evaluation_setting():
     assert both.score.two_sided_terms == ["kl", "feature"] and both.model_hash() == cfg.model_hash()
 
 
+def test_scored_step_fraction_defines_the_model_only_when_set():
+    cfg = load_config("cpu")
+    assert cfg.train.scored_step_fraction == 0.0
+    assert "scored_step_fraction" not in cfg.model_definition()["train"]  # earlier models keep their hash
+    half = load_config("cpu", overrides=["train.scored_step_fraction=0.5"])
+    assert half.model_hash() != cfg.model_hash()
+    with pytest.raises(ConfigError, match="scored_step_fraction"):
+        load_config("cpu", overrides=["train.scored_step_fraction=1.5"])
+
+
 def test_training_timestep_cap_covers_every_step_the_model_is_used_at():
     cfg = load_config("cpu")
     assert cfg.train.max_timestep == 401 and load_config("paper").train.max_timestep is None

@@ -153,6 +153,14 @@ def test_training_draws_timesteps_up_to_the_cap(home: Path, tmp_path: Path, monk
     drawn.clear()
     train_model(_cfg("train.iterations=40", "train.batch_size=4"), ["weave"], tmp_path / "whole", progress=False)
     assert max(drawn) > 401
+    # train.scored_step_fraction: about that share exactly at Eq. 11's steps (20, 201 and 401 of
+    # the original chain for t = 5, 50, 100 of the 250-step respaced chain), the rest as above.
+    drawn.clear()
+    train_model(_cfg("train.max_timestep=401", "train.scored_step_fraction=0.5", "train.iterations=60",
+                     "train.batch_size=4"), ["weave"], tmp_path / "scored", progress=False)
+    at_scored = [v for v in drawn if v in (20, 201, 401)]
+    assert len(drawn) == 240 and max(drawn) <= 401 and 90 <= len(at_scored) <= 150
+    assert {20, 201, 401} <= set(at_scored)
 
 
 def test_golden_smoke_losses(smoke_run):
