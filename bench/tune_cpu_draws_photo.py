@@ -63,14 +63,7 @@ def main() -> int:
     df["mean3"] = (df.pixel_auroc + df.pro + df.image_auroc) / 3
     means = df.groupby(["family", "candidate"]).mean3.mean()
     candidates = [c for c in DRAWS if c != "preset"]
-    _, lines = photo.rule_step(means, ("preset",), [(c,) for c in candidates], lambda c: c[0])
-    # rule_step with one candidate returns it exactly when it qualifies.
-    qualifying = [c for c in candidates
-                  if photo.rule_step(means, ("preset",), [(c,)], lambda c: c[0])[0] == (c,)]
-    chosen = "preset"
-    if qualifying:
-        best = max(means[("photo-faint", c)] for c in qualifying)
-        chosen = min((c for c in qualifying if means[("photo-faint", c)] >= best - 0.002), key=DRAWS.get)
+    chosen, lines = photo.named_rule_step(means, candidates, lambda near_best: min(near_best, key=DRAWS.get))
     cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
     out = [
         "round twenty-three (bench/tune_cpu_draws_photo_rule.md): score.noise_draws 8 / 16 against the preset's 4, "

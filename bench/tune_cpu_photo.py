@@ -226,6 +226,19 @@ def rule_step(means: pd.Series, current: tuple, candidates: list[tuple], label) 
     return chosen, ["  baseline: " + "  ".join(f"{f} {base[f]:.3f}" for f in families), *lines]
 
 
+def named_rule_step(means: pd.Series, candidates: list[str], prefer: Callable[[list[str]], str]) -> tuple[str, list[str]]:
+    """:func:`rule_step` for candidates named by one string against "preset": of the qualifying
+    ones within 0.002 of the best M_photo_faint, the one ``prefer`` picks, else "preset"; and
+    the rule's lines."""
+    _, lines = rule_step(means, ("preset",), [(c,) for c in candidates], lambda c: c[0])
+    # rule_step with one candidate returns it exactly when it qualifies.
+    qualifying = [c for c in candidates if rule_step(means, ("preset",), [(c,)], lambda c: c[0])[0] == (c,)]
+    if not qualifying:
+        return "preset", lines
+    best = max(means[("photo-faint", c)] for c in qualifying)
+    return prefer([c for c in qualifying if means[("photo-faint", c)] >= best - 0.002]), lines
+
+
 def _label(setting: tuple) -> str:
     alpha, k, blur, position = setting
     return f"alpha {alpha:.1f}  top_k {k:>2}  blur {blur:.0f}  position_mean_sigma {position}"

@@ -108,14 +108,7 @@ def main() -> int:
     whole["mean3"] = (whole.pixel_auroc + whole.pro + whole.image_auroc) / 3
     means = whole.groupby(["family", "candidate"]).mean3.mean()
     candidates = [c for c in CANDIDATES if c != "preset"]
-    _, lines = photo.rule_step(means, ("preset",), [(c,) for c in candidates], lambda c: c[0])
-    # rule_step with one candidate returns it exactly when it qualifies.
-    qualifying = [c for c in candidates
-                  if photo.rule_step(means, ("preset",), [(c,)], lambda c: c[0])[0] == (c,)]
-    chosen = "preset"
-    if qualifying:
-        best = max(means[("photo-faint", c)] for c in qualifying)
-        chosen = next(c for c in candidates if c in qualifying and means[("photo-faint", c)] >= best - 0.002)
+    chosen, lines = photo.named_rule_step(means, candidates, lambda near_best: near_best[0])  # twosided_feature first
     cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
     per_kind = (df[df.kind != "all"].groupby(["family", "kind", "candidate"]).pixel_auroc.mean()
                 .unstack("candidate")[list(CANDIDATES)])
