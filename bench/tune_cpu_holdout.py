@@ -13,10 +13,8 @@ calibration. Output: bench/tune_cpu_holdout.txt.
 from __future__ import annotations
 
 import sys
-import time
 
-import tune_cpu_faint as faint  # beside this script: the synthetic families, training, metrics
-import tune_cpu_photo as photo  # the photo families and their models
+import tune_cpu_photo as photo  # the photo families, their models, the retraining round
 
 FRACTION = 0.2
 TOP_K = 64  # the preset's image score since round nineteen (checked in main())
@@ -52,26 +50,12 @@ def main() -> int:
     preset = load_config(preset="cpu")
     assert preset.score.top_k == TOP_K and preset.score.validation_fraction == 0.1, "the cpu preset moved"
     assert preset.auto.time_budget_minutes == 30.0
-    t0 = time.perf_counter()
-    train_s, df = photo.trained_and_scored(_train, _rows, tuple(TRAININGS))
-    means = df.groupby(["family", "candidate"]).mean3.mean()
-
-    chosen, lines = photo.rule_step(means, ("preset",), [("holdout20",)], lambda c: c[0])
-    cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
-    out = [
+    photo.retraining_round(
+        _train, _rows, tuple(TRAININGS),
         "round twenty (bench/tune_cpu_holdout_rule.md): score.validation_fraction=0.2 (holdout20, trained "
         "afresh) against the preset (round nineteen's models, ck/photo and ck/long), both tuning families, "
         "the preset's scoring (top-64 image score), each model with its own calibration",
-        f"total wall time {time.perf_counter() - t0:.0f} s (two jobs at once, one thread each); holdout20 "
-        f"training s per category in this run (0: the model was there): {train_s}",
-        "", "means over categories (train_s: from each training's own log):",
-        df.groupby(["family", "candidate"])[cols + ["n_held_out", "steps", "train_s", "score_s"]]
-          .mean().round(3).to_string(),
-        "", "rule (baseline: the preset):", *lines, f"  -> {chosen[0]}",
-        "", "per category:",
-        df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
-    ]
-    faint.write_output("tune_cpu_holdout.txt", out)
+        "tune_cpu_holdout.txt", ("n_held_out", "steps", "train_s", "score_s"))
     return 0
 
 

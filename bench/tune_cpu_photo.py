@@ -115,6 +115,30 @@ def trained_and_scored(train: Callable[[str], float], rows: Callable[[tuple[str,
     return train_s, df
 
 
+def retraining_round(train: Callable[[str], float], rows: Callable[[tuple[str, str]], list[dict]],
+                     candidates: tuple[str, ...], header: str, output: str,
+                     extra_columns: tuple[str, ...] = ("steps", "train_s", "score_s")) -> None:
+    """A retraining round of one candidate against "preset" (``candidates``, both in
+    :func:`trained_and_scored`'s order): trained and scored, judged by :func:`rule_step`, and
+    written to ``bench/<output>`` under ``header``; ``extra_columns`` beside the metrics' means."""
+    (candidate,) = [c for c in candidates if c != "preset"]
+    t0 = time.perf_counter()
+    train_s, df = trained_and_scored(train, rows, candidates)
+    means = df.groupby(["family", "candidate"]).mean3.mean()
+    chosen, lines = rule_step(means, ("preset",), [(candidate,)], lambda c: c[0])
+    cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
+    faint.write_output(output, [
+        header,
+        f"total wall time {time.perf_counter() - t0:.0f} s (two jobs at once, one thread each); {candidate} "
+        f"training s per category in this run (0: the model was there): {train_s}",
+        "", "means over categories (train_s: from each training's own log):",
+        df.groupby(["family", "candidate"])[cols + list(extra_columns)].mean().round(3).to_string(),
+        "", "rule (baseline: the preset):", *lines, f"  -> {chosen[0]}",
+        "", "per category:",
+        df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
+    ])
+
+
 def _scored(category: str):
     """One model scores its family's two test splits once with the preset's scoring; the
     calibrations of step 3's candidates from the same held-out normals."""

@@ -13,10 +13,8 @@ its own calibration. Output: bench/tune_cpu_scoredsteps.txt.
 from __future__ import annotations
 
 import sys
-import time
 
-import tune_cpu_faint as faint  # beside this script: the synthetic families, training, metrics
-import tune_cpu_photo as photo  # the photo families, their models and round nineteen's rule
+import tune_cpu_photo as photo  # the photo families, their models, round nineteen's rule, the retraining round
 
 FRACTION = 0.5
 TRAININGS = {"preset": "tcap401", "scored50": "scored50"}  # candidate -> $TUNE_HOME/ck/<training>
@@ -52,26 +50,13 @@ def main() -> int:
     preset = load_config(preset="cpu")
     assert preset.train.scored_step_fraction == 0.0 and preset.train.max_timestep == 401, "the cpu preset moved"
     assert preset.auto.time_budget_minutes == 30.0
-    t0 = time.perf_counter()
-    train_s, df = photo.trained_and_scored(_train, _rows, tuple(TRAININGS))
-    means = df.groupby(["family", "candidate"]).mean3.mean()
-
-    chosen, lines = photo.rule_step(means, ("preset",), [("scored50",)], lambda c: c[0])
-    cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
-    out = [
+    photo.retraining_round(
+        _train, _rows, tuple(TRAININGS),
         f"round twenty-five (bench/tune_cpu_scoredsteps_rule.md): train.scored_step_fraction={FRACTION} "
         "(scored50, trained afresh; Eq. 11's steps are 20, 201 and 401 of the original chain) against the "
         "preset (round twenty-two's models, ck/tcap401), both tuning families (the photo family with its "
         "blur defects), the preset's scoring, each model with its own calibration",
-        f"total wall time {time.perf_counter() - t0:.0f} s (two jobs at once, one thread each); scored50 "
-        f"training s per category in this run (0: the model was there): {train_s}",
-        "", "means over categories (train_s: from each training's own log):",
-        df.groupby(["family", "candidate"])[cols + ["steps", "train_s", "score_s"]].mean().round(3).to_string(),
-        "", "rule (baseline: the preset):", *lines, f"  -> {chosen[0]}",
-        "", "per category:",
-        df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
-    ]
-    faint.write_output("tune_cpu_scoredsteps.txt", out)
+        "tune_cpu_scoredsteps.txt")
     return 0
 
 

@@ -13,10 +13,8 @@ bench/tune_cpu_tcap.txt.
 from __future__ import annotations
 
 import sys
-import time
 
-import tune_cpu_faint as faint  # beside this script: the synthetic families, training, metrics
-import tune_cpu_photo as photo  # the photo families, their models and round nineteen's rule
+import tune_cpu_photo as photo  # the photo families, their models, round nineteen's rule, the retraining round
 
 CAP = 401  # the original step of the largest scoring step (index 100 of the 250-step chain)
 # candidate -> training folder per family kind
@@ -51,25 +49,12 @@ def main() -> int:
     preset = load_config(preset="cpu")
     assert preset.train.max_timestep is None and preset.score.edge_spread_width == 4, "the cpu preset moved"
     assert preset.auto.time_budget_minutes == 30.0
-    t0 = time.perf_counter()
-    train_s, df = photo.trained_and_scored(_train, _rows, tuple(TRAININGS))
-    means = df.groupby(["family", "candidate"]).mean3.mean()
-
-    chosen, lines = photo.rule_step(means, ("preset",), [("tcap401",)], lambda c: c[0])
-    cols = ["pixel_auroc", "pro", "image_auroc", "mean3"]
-    out = [
+    photo.retraining_round(
+        _train, _rows, tuple(TRAININGS),
         f"round twenty-two (bench/tune_cpu_tcap_rule.md): train.max_timestep={CAP} (tcap401, trained afresh) "
         "against the preset (round nineteen's models, ck/photo and ck/long), both tuning families, the "
         "preset's scoring (round twenty-one's), each model with its own calibration",
-        f"total wall time {time.perf_counter() - t0:.0f} s (two jobs at once, one thread each); tcap401 "
-        f"training s per category in this run (0: the model was there): {train_s}",
-        "", "means over categories (train_s: from each training's own log):",
-        df.groupby(["family", "candidate"])[cols + ["steps", "train_s", "score_s"]].mean().round(3).to_string(),
-        "", "rule (baseline: the preset):", *lines, f"  -> {chosen[0]}",
-        "", "per category:",
-        df.groupby(["family", "category", "candidate"])[cols].mean().round(3).to_string(),
-    ]
-    faint.write_output("tune_cpu_tcap.txt", out)
+        "tune_cpu_tcap.txt")
     return 0
 
 
